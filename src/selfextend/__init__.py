@@ -1,0 +1,11 @@
+"""SelfExtend: read inputs several times longer than a RoPE model's training context, without fine-tuning."""
+
+from .config import SelfExtendConfig
+from .integration import apply, remove, settings, training_length
+from .planner import InputTooLongError, Plan, plan
+from .positions import extended_limit
+from .rotary import UnsupportedModelError
+
+__all__ = ["InputTooLongError", "Plan", "SelfExtendConfig", "UnsupportedModelError", "apply", "extended_limit",
+           "plan", "remove", "settings", "training_length"]
+__version__ = "0.1.0"

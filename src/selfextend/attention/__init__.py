@@ -1,0 +1,48 @@
+"""Attention kernels per backend behind one registry; every backend computes the same formula."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import blockwise, reference
+from .layout import Geometry, KVLayout, layout_mask, resolve_geometry
+
+
+@dataclass(frozen=True)
+class Backend:
+    """selfextend(q, k, v, geometry, G, W, inv_freq, scale) and local(q, k, v, geometry, window, scale),
+    both returning [b, n, heads, d]."""
+
+    selfextend: Callable[..., torch.Tensor]
+    local: Callable[..., torch.Tensor]
+
+
+def _reference_local(query, key, value, geometry, window, scale):
+    return reference.reference_attention(query, key, value, geometry, None, None, None, scale, local_window=window)
+
+
+BACKENDS: dict[str, Backend] = {
+    "blockwise": Backend(blockwise.selfextend_attention, blockwise.local_attention),
+    "reference": Backend(reference.reference_attention, _reference_local),
+}
+
+
+def register_backend(name: str, backend: Backend) -> None:
+    """Make a backend selectable by name (GPU kernels register themselves when their dependencies import)."""
+    BACKENDS[name] = backend
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """'auto' picks the fastest backend for the device; any other name must be registered."""
+    if name == "auto":
+        name = "flex" if device.type == "cuda" and "flex" in BACKENDS else "blockwise"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+    return BACKENDS[name]
+
+
+__all__ = ["BACKENDS", "Backend", "Geometry", "KVLayout", "layout_mask", "register_backend", "resolve_backend",
+           "resolve_geometry"]

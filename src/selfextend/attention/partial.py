@@ -1,0 +1,42 @@
+"""One attention partial with its log-sum-exp, over a given key set and small boolean mask."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of query [b, hq, n, d] over key/value [b, hkv, m, d] (GQA allowed).
+
+    mask: bool, broadcastable to [b, 1, n, m], True where attended. Returns (output [b, hq, n, d],
+    lse [b, hq, n] in float32, -inf on rows that see no key).
+    """
+    if query.device.type == "cpu":
+        float_mask = None
+        if mask is not None:
+            float_mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, attn_mask=float_mask, scale=scale
+        )
+    else:
+        out, lse = _attend_math(query, key, value, mask, scale)
+    if mask is not None:
+        sees_a_key = mask.any(dim=-1)
+        lse = lse.masked_fill(~sees_a_key, float("-inf"))
+        out = out.masked_fill(~sees_a_key[..., None], 0.0)
+    return out, lse
+
+
+def _attend_math(query, key, value, mask, scale):
+    """Portable fallback (any device): explicit logits for this partial only, never the whole n×n matrix."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
+    return torch.matmul(probs, value.float()).to(query.dtype), lse

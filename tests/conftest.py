@@ -1,0 +1,75 @@
+"""Tiny seeded models of every covered family, and the --runslow switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+TRAIN_LENGTH = 64
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=TRAIN_LENGTH, tie_word_embeddings=False)
+
+
+def _llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
+
+
+def _llama3():
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, rope_parameters=rope))
+
+
+def _mistral():
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**COMMON, sliding_window=None))
+
+
+def _qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON))
+
+
+def _qwen3():
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON, head_dim=16))
+
+
+def _phi3():
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+def _gemma3():
+    config = transformers.Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 4}, head_dim=16, query_pre_attn_scalar=16, sliding_window=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    )
+    return transformers.Gemma3ForCausalLM(config)
+
+
+FAMILIES = {"llama": _llama, "llama3": _llama3, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3,
+            "phi3": _phi3, "gemma3": _gemma3}
+
+
+def make_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny random model of `family`, float32, eval mode, with vanilla SDPA attention."""
+    torch.manual_seed(seed)
+    model = FAMILIES[family]().eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
