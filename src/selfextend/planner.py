@@ -42,17 +42,17 @@ def plan(train_length: int, target_length: int) -> Plan:
         return Plan(train_length, target_length, 1, window, extended_limit(train_length, 1, window),
                     target_length, "fits in the training length: G = 1 is the model's own attention")
     budget = 2 * train_length // 3
-    group = -(-(target_length - window) // (budget - window))
-    while True:
+    group = 2
+    while group <= MAX_SENSIBLE_GROUP:
         window_multiple = max(group, window // group * group)
         if largest_position_used(target_length, group, window_multiple) <= budget:
             break
         group += 1
-    if group > MAX_SENSIBLE_GROUP:
+    else:
         most = extended_limit(train_length, MAX_SENSIBLE_GROUP, max(MAX_SENSIBLE_GROUP, window))
         raise InputTooLongError(
-            f"{target_length} tokens would need group size {group} (> {MAX_SENSIBLE_GROUP}) with a "
-            f"{train_length}-token model; at most about {most} tokens fit with G = {MAX_SENSIBLE_GROUP}"
+            f"{target_length} tokens need a group size above {MAX_SENSIBLE_GROUP} with a {train_length}-token "
+            f"model; at most about {most} tokens fit with G = {MAX_SENSIBLE_GROUP}"
         )
     used = largest_position_used(target_length, group, window_multiple)
     reason = (f"smallest G keeping W + (N - W)/G = {used} within 2/3 of L = {train_length} "

@@ -1,0 +1,100 @@
+"""Kernels against the oracle, and the oracle against a pair-by-pair reading of the formula."""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from selfextend.attention import blockwise
+from selfextend.attention.layout import KVLayout, resolve_geometry
+from selfextend.attention.merge import merge_states
+from selfextend.attention.reference import reference_attention
+from selfextend.positions import grouped_key_position, grouped_query_position
+
+INV_FREQ = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+
+
+def _hf_rope(x, positions):
+    freqs = positions[..., None].float() * INV_FREQ
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return apply_rotary_pos_emb(x, x, emb.cos(), emb.sin())[0]
+
+
+def _problem(n_queries, n_keys, pads, heads=4, kv_heads=2, seed=0):
+    """Raw q/k/v, the model-rotated q/k and the geometry of a left-padded batch (pads per row)."""
+    torch.manual_seed(seed)
+    b = len(pads)
+    valid = torch.arange(n_keys)[None, :] >= torch.tensor(pads)[:, None]
+    positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    layout = KVLayout(q_offset=n_keys - n_queries, kv_offset=0, valid=None if not any(pads) else valid)
+    geometry = resolve_geometry(layout, positions[:, -n_queries:], b, n_queries, n_keys, torch.device("cpu"))
+    q0, k0 = torch.randn(b, heads, n_queries, 16), torch.randn(b, kv_heads, n_keys, 16)
+    v = torch.randn(b, kv_heads, n_keys, 16)
+    return q0, k0, v, _hf_rope(q0, geometry.query_positions), _hf_rope(k0, geometry.key_positions), geometry
+
+
+def test_oracle_reads_the_formula_pair_by_pair():
+    G, W, scale = 3, 5, 0.25
+    q0, k0, v, q, k, geometry = _problem(9, 30, pads=[0, 4])
+    got = reference_attention(q, k, v, geometry, G, W, INV_FREQ, scale)
+    for b in range(2):
+        for h in range(4):
+            for t in range(9):
+                i = int(geometry.query_positions[b, t])
+                logits = []
+                for s in range(30):
+                    j = int(geometry.key_positions[b, s])
+                    if not bool(geometry.valid[b, s]) or j > i:
+                        logits.append(float("-inf"))
+                        continue
+                    qi, kj = (i, j) if i - j < W else (grouped_query_position(i, G, W), grouped_key_position(j, G))
+                    qr = _hf_rope(q0[b:b + 1, h:h + 1, t:t + 1], torch.tensor([[qi]]))
+                    kr = _hf_rope(k0[b:b + 1, h // 2:h // 2 + 1, s:s + 1], torch.tensor([[kj]]))
+                    logits.append(float((qr * kr).sum()) * scale)
+                probs = torch.softmax(torch.tensor(logits), dim=0)
+                expected = probs @ v[b, h // 2]
+                torch.testing.assert_close(got[b, t, h], expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_queries, n_keys", [(70, 70), (1, 70), (13, 70), (40, 90), (3, 5)])
+@pytest.mark.parametrize("pads", [[0], [0, 11, 3]])
+@pytest.mark.parametrize("block", [4, 7, 64])
+@pytest.mark.parametrize("G, W", [(4, 8), (3, 10), (1, 6), (7, 1)])
+def test_blockwise_matches_oracle(n_queries, n_keys, pads, block, G, W):
+    _, _, v, q, k, geometry = _problem(n_queries, n_keys, pads)
+    expected = reference_attention(q, k, v, geometry, G, W, INV_FREQ, 0.3)
+    got = blockwise.selfextend_attention(q, k, v, geometry, G, W, INV_FREQ, 0.3, block=block)
+    rows = geometry.query_positions >= 0  # padded queries see nothing; both give zeros there
+    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=1e-5)
+    assert torch.all(got[~rows] == 0)
+
+
+@pytest.mark.parametrize("n_queries, n_keys, kv_offset", [(50, 50, 0), (1, 11, 40), (9, 20, 30)])
+@pytest.mark.parametrize("pads", [[0], [0, 5]])
+def test_local_attention_matches_oracle(n_queries, n_keys, kv_offset, pads):
+    # a sliding-window cache holds keys kv_offset.. of the sequence; queries are its last n_queries entries
+    torch.manual_seed(1)
+    b, window = len(pads), 12
+    total = kv_offset + n_keys
+    valid = (torch.arange(total)[None, :] >= torch.tensor(pads)[:, None])
+    positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    layout = KVLayout(total - n_queries, kv_offset, valid[:, kv_offset:] if any(pads) else None, window)
+    geometry = resolve_geometry(layout, positions[:, -n_queries:], b, n_queries, n_keys, torch.device("cpu"))
+    q, k, v = torch.randn(b, 4, n_queries, 16), torch.randn(b, 2, n_keys, 16), torch.randn(b, 2, n_keys, 16)
+    expected = reference_attention(q, k, v, geometry, None, None, None, 0.3, local_window=window)
+    got = blockwise.local_attention(q, k, v, geometry, window, 0.3, block=5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_of_split_keys_is_exact():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    logits = q @ k.transpose(-1, -2)
+    parts = [(0, 7), (7, 8), (8, 20)]
+    outs, lses = [], []
+    for a, b in parts:
+        lse = torch.logsumexp(logits[..., a:b], -1)
+        outs.append(torch.softmax(logits[..., a:b], -1) @ v[:, :, a:b])
+        lses.append(lse)
+    outs.append(torch.zeros_like(outs[0]))
+    lses.append(torch.full_like(lses[0], float("-inf")))  # an empty partial weighs nothing
+    torch.testing.assert_close(merge_states(outs, lses), torch.softmax(logits, -1) @ v)
