@@ -9,8 +9,15 @@ from selfextend.attention.layout import KVLayout, resolve_geometry
 from selfextend.attention.merge import merge_states
 from selfextend.attention.reference import reference_attention
 from selfextend.positions import grouped_key_position, grouped_query_position
+from selfextend.rotary import GroupedRotation, RopeSource
 
 INV_FREQ = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+
+
+def _rotation(G, W):
+    holder = torch.nn.Module()
+    holder.register_buffer("inv_freq", INV_FREQ)
+    return GroupedRotation(G, W, RopeSource(holder, "inv_freq"))
 
 
 def _hf_rope(x, positions):
@@ -35,7 +42,7 @@ def _problem(n_queries, n_keys, pads, heads=4, kv_heads=2, seed=0):
 def test_oracle_reads_the_formula_pair_by_pair():
     G, W, scale = 3, 5, 0.25
     q0, k0, v, q, k, geometry = _problem(9, 30, pads=[0, 4])
-    got = reference_attention(q, k, v, geometry, G, W, INV_FREQ, scale)
+    got = reference_attention(q, k, v, geometry, _rotation(G, W), scale)
     for b in range(2):
         for h in range(4):
             for t in range(9):
@@ -61,8 +68,8 @@ def test_oracle_reads_the_formula_pair_by_pair():
 @pytest.mark.parametrize("G, W", [(4, 8), (3, 10), (1, 6), (7, 1)])
 def test_blockwise_matches_oracle(n_queries, n_keys, pads, block, G, W):
     _, _, v, q, k, geometry = _problem(n_queries, n_keys, pads)
-    expected = reference_attention(q, k, v, geometry, G, W, INV_FREQ, 0.3)
-    got = blockwise.selfextend_attention(q, k, v, geometry, G, W, INV_FREQ, 0.3, block=block)
+    expected = reference_attention(q, k, v, geometry, _rotation(G, W), 0.3)
+    got = blockwise.selfextend_attention(q, k, v, geometry, _rotation(G, W), 0.3, block=block)
     rows = geometry.query_positions >= 0  # padded queries see nothing; both give zeros there
     torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=1e-5)
     assert torch.all(got[~rows] == 0)
@@ -80,7 +87,7 @@ def test_local_attention_matches_oracle(n_queries, n_keys, kv_offset, pads):
     layout = KVLayout(total - n_queries, kv_offset, valid[:, kv_offset:] if any(pads) else None, window)
     geometry = resolve_geometry(layout, positions[:, -n_queries:], b, n_queries, n_keys, torch.device("cpu"))
     q, k, v = torch.randn(b, 4, n_queries, 16), torch.randn(b, 2, n_keys, 16), torch.randn(b, 2, n_keys, 16)
-    expected = reference_attention(q, k, v, geometry, None, None, None, 0.3, local_window=window)
+    expected = reference_attention(q, k, v, geometry, None, 0.3, local_window=window)
     got = blockwise.local_attention(q, k, v, geometry, window, 0.3, block=5)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

@@ -18,7 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from .attention import KVLayout, layout_mask, resolve_backend, resolve_geometry
 from .config import SelfExtendConfig
 from .planner import plan
-from .rotary import RopeSource, UnsupportedModelError, find_rope
+from .rotary import GroupedRotation, UnsupportedModelError, find_rope
 
 ATTENTION_NAME = "selfextend"
 _STATE = "selfextend_state"
@@ -28,7 +28,7 @@ _PREVIOUS = "_selfextend_previous_attn_implementation"
 @dataclass
 class _State:
     config: SelfExtendConfig
-    rope: RopeSource
+    rotation: GroupedRotation
     warned_long: bool = False
 
 
@@ -56,10 +56,7 @@ def _attention_forward(
     if window is not None:
         return backend.local(query, key, value, geometry, window, scale), None
     _warn_if_too_long(state, geometry)
-    inv_freq = state.rope.inv_freq()
-    out = backend.selfextend(query, key, value, geometry, state.config.group_size, state.config.window_size,
-                             inv_freq, scale)
-    return out, None
+    return backend.selfextend(query, key, value, geometry, state.rotation, scale), None
 
 
 def _warn_if_too_long(state: _State, geometry) -> None:
@@ -116,7 +113,7 @@ def apply(
     config = SelfExtendConfig(group_size, window_size, train_length, backend)
     resolve_backend(backend, next(model.parameters()).device)  # fails early on an unknown name
     _register()
-    state = _State(config, rope)
+    state = _State(config, GroupedRotation(group_size, window_size, rope))
     modules = _attention_modules(model)
     if not modules:
         raise UnsupportedModelError(f"{type(model).__name__} has no attention layers that SelfExtend recognises")

@@ -13,31 +13,88 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .positions import grouped_key_position, grouped_query_position
+
 
 class UnsupportedModelError(ValueError):
     """The model cannot take SelfExtend; the message names the reason."""
 
 
 def rotation_tables(delta: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of delta·inv_freq, shaped [batch, 1, n, d/2] for broadcasting over heads."""
+    """cos and sin of delta·inv_freq (angles in float64 before rounding), shaped [*delta.shape, d/2]."""
     angle = delta.to(torch.float64)[..., None] * inv_freq.to(device=delta.device, dtype=torch.float64)
-    return angle.cos().float()[:, None], angle.sin().float()[:, None]
+    return angle.cos().float(), angle.sin().float()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (x[k], x[k + d/2]) pair of x [batch, heads, n, d] by the angles in cos/sin [batch, 1, n, d/2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    out = torch.empty_like(x)
+    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin)
+    return out
 
 
 def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Move x [batch, heads, n, d], rotated at some positions, by `delta` [batch, n] positions."""
-    return rotate(x, *rotation_tables(delta, inv_freq))
+    cos, sin = rotation_tables(delta, inv_freq)
+    return rotate(x, cos[:, None], sin[:, None])
 
 
 def _rotate_half_reference(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+class GroupedRotation:
+    """Moves queries and keys from their own RoPE positions to SelfExtend's grouped ones.
+
+    The shift depends only on the position, so cos/sin tables by position are built once per model
+    (and rebuilt if the device or the inverse frequencies change) instead of at every layer and step.
+    """
+
+    def __init__(self, group_size: int, window_size: int, rope: "RopeSource") -> None:
+        self.group_size, self.window_size, self.rope = group_size, window_size, rope
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inv_freq: torch.Tensor | None = None
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.rope.inv_freq()
+
+    def _shift(self, kind: str, positions: torch.Tensor) -> torch.Tensor:
+        if kind == "query":
+            return grouped_query_position(positions, self.group_size, self.window_size) - positions
+        return grouped_key_position(positions, self.group_size) - positions
+
+    def _table(self, kind: str, size: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._inv_freq is None or self._inv_freq.device != inv_freq.device or not torch.equal(
+            self._inv_freq, inv_freq
+        ):
+            self._tables, self._inv_freq = {}, inv_freq.clone()
+        cos, sin = self._tables.get(kind, (inv_freq.new_empty(0, 1), None))
+        if cos.shape[0] < size:
+            size = max(size, 2 * cos.shape[0], 4096)
+            positions = torch.arange(size, device=inv_freq.device)
+            cos, sin = rotation_tables(self._shift(kind, positions), inv_freq)
+            self._tables[kind] = (cos, sin)
+        return cos, sin
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str) -> torch.Tensor:
+        """Rotate x [b, h, n, d] (at `positions` [b, n], contiguous per row) to its grouped `kind` positions."""
+        first = positions[:, 0]
+        n = positions.shape[1]
+        if positions.shape[0] == 1 and int(first[0]) >= 0:  # one row: a view into the table
+            start = int(first[0])
+            cos, sin = self._table(kind, start + n, self.inv_freq)
+            cos, sin = cos[start:start + n][None], sin[start:start + n][None]
+        else:  # padded positions (< 0) are masked later: any angle will do
+            index = positions.clamp_min(0)
+            cos, sin = self._table(kind, int(index.max()) + 1, self.inv_freq)
+            cos, sin = cos[index], sin[index]
+        return rotate(x, cos[:, None], sin[:, None])
 
 
 @dataclass(frozen=True)

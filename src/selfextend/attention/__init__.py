@@ -13,7 +13,7 @@ from .layout import Geometry, KVLayout, layout_mask, resolve_geometry
 
 @dataclass(frozen=True)
 class Backend:
-    """selfextend(q, k, v, geometry, G, W, inv_freq, scale) and local(q, k, v, geometry, window, scale),
+    """selfextend(q, k, v, geometry, rotation, scale) and local(q, k, v, geometry, window, scale),
     both returning [b, n, heads, d]."""
 
     selfextend: Callable[..., torch.Tensor]
@@ -21,7 +21,7 @@ class Backend:
 
 
 def _reference_local(query, key, value, geometry, window, scale):
-    return reference.reference_attention(query, key, value, geometry, None, None, None, scale, local_window=window)
+    return reference.reference_attention(query, key, value, geometry, None, scale, local_window=window)
 
 
 BACKENDS: dict[str, Backend] = {

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from ..positions import grouped_key_position, grouped_query_position
-from ..rotary import rotate_by
+from ..rotary import GroupedRotation
 from .layout import Geometry
 from .merge import merge_states
 from .partial import attend
 
-DEFAULT_BLOCK = 512  # queries per block; read at call time so tests can shrink it
+DEFAULT_BLOCK = 256  # queries per block; read at call time so tests can shrink it
 
 
 def _distance_mask(geometry: Geometry, t0: int, t1: int, s0: int, s1: int, low: int, high: int | None):
@@ -58,8 +57,8 @@ def local_attention(
 
 
 def selfextend_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry: Geometry, group_size: int,
-    window_size: int, inv_freq: torch.Tensor, scale: float, block: int | None = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry: Geometry, rotation: GroupedRotation,
+    scale: float, block: int | None = None,
 ) -> torch.Tensor:
     """SelfExtend bi-level attention of already-rotated query [b, hq, n, d] over key/value [b, hkv, m, d].
 
@@ -67,14 +66,11 @@ def selfextend_attention(
     """
     b, h, n, d = query.shape
     block = block or DEFAULT_BLOCK
-    shift, W = geometry.shift, window_size
+    shift, W = geometry.shift, rotation.window_size
     n_grouped = max(0, min(key.shape[2], shift + n - W))  # keys some query sees at d >= W
     key_grouped = None
     if n_grouped:
-        key_positions = geometry.key_positions[:, :n_grouped]
-        key_grouped = rotate_by(
-            key[:, :, :n_grouped], grouped_key_position(key_positions, group_size) - key_positions, inv_freq
-        )
+        key_grouped = rotation(key[:, :, :n_grouped], geometry.key_positions[:, :n_grouped], "key")
     out = query.new_empty(b, n, h, d)
     for t0 in range(0, n, block):
         t1 = min(n, t0 + block)
@@ -82,10 +78,7 @@ def selfextend_attention(
         outputs, lses = [part], [lse]
         grouped_end = min(n_grouped, shift + t1 - W)
         if grouped_end > 0:
-            positions = geometry.query_positions[:, t0:t1]
-            query_grouped = rotate_by(
-                query[:, :, t0:t1], grouped_query_position(positions, group_size, W) - positions, inv_freq
-            )
+            query_grouped = rotation(query[:, :, t0:t1], geometry.query_positions[:, t0:t1], "query")
             full_end = max(0, min(grouped_end, shift + t0 - W + 1))
             if full_end > 0:  # keys every query of the block sees in grouped attention
                 mask = None if geometry.valid is None else geometry.valid[:, None, None, :full_end]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..positions import grouped_key_position, grouped_query_position, uses_neighbor_attention
-from ..rotary import rotate_by
+from ..rotary import GroupedRotation, rotate_by
 from .layout import Geometry
 
 
 def reference_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry: Geometry, group_size: int | None,
-    window_size: int | None, inv_freq: torch.Tensor | None, scale: float, local_window: int | None = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry: Geometry,
+    rotation: GroupedRotation | None, scale: float, local_window: int | None = None,
 ) -> torch.Tensor:
     """Eager attention: neighbor logits at RoPE positions (i, j), grouped logits at the grouped positions,
     one softmax per row. With local_window set it is plain sliding-window attention. Returns [b, n, h, d]."""
@@ -28,6 +28,7 @@ def reference_attention(
     if local_window is not None:
         allowed &= distance < local_window
     else:
+        group_size, window_size, inv_freq = rotation.group_size, rotation.window_size, rotation.inv_freq
         raw_query, raw_key = rotate_by(query, -i, inv_freq), rotate_by(key, -j, inv_freq)
         grouped_query = rotate_by(raw_query, grouped_query_position(i, group_size, window_size), inv_freq)
         grouped_key = rotate_by(raw_key, grouped_key_position(j, group_size), inv_freq)
