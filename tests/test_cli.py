@@ -1,0 +1,146 @@
+"""Command line on a tiny seeded model saved to a temp folder, with a byte-level tokenizer trained here."""
+
+import io
+import json
+
+import pytest
+import torch
+import transformers
+from tokenizers import ByteLevelBPETokenizer
+
+from selfextend import cli
+from selfextend.samples import passkey_sample
+from conftest import COMMON, TRAIN_LENGTH
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["The grass is green. The sky is blue. pass key 12345"], vocab_size=300,
+                            special_tokens=["<pad>", "<s>", "</s>"])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                                     pad_token="<pad>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
+                                      pad_token_id=0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_from_file_streams_and_reports(model_dir, tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The grass is green. " * 20)
+    code, out, err = run(capsys, "generate", "--input", doc, "--prompt", "What?", "--model", model_dir,
+                         "--max-new-tokens", 5, "--chunk-size", 16, "--quiet")
+    assert code == 0, err
+    assert "G=" in err and "W=" in err and "prefill" in err
+    assert out.strip()  # the streamed answer
+
+
+def test_generate_matches_plain_generate(model_dir, tmp_path, capsys):
+    """Chunked prefill + generate through the CLI gives the tokens of one generate call."""
+    text = "The sky is blue. " * 15
+    (tmp_path / "doc.txt").write_text(text)
+    code, out, err = run(capsys, "generate", "--input", tmp_path / "doc.txt", "--model", model_dir,
+                         "--group-size", 4, "--window", 8, "--max-new-tokens", 6, "--chunk-size", 7, "--quiet")
+    assert code == 0, err
+    import selfextend
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = selfextend.apply(transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval(), 4, 8)
+    ids = tokenizer(text.strip(), return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.strip() == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_generate_reads_stdin(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("The grass is green. " * 10))
+    code, out, err = run(capsys, "generate", "--input", "-", "--model", model_dir, "--max-new-tokens", 3, "--quiet")
+    assert code == 0, err
+
+
+def test_generate_sample_document(model_dir, capsys):
+    code, out, err = run(capsys, "generate", "--sample-tokens", 180, "--model", model_dir, "--max-new-tokens", 3,
+                         "--quiet")
+    assert code == 0, err
+    assert "the key is" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--input", "/nonexistent/file.txt"], "input file not found"),
+    (["generate"], "give --input"),
+    (["generate", "--input", "{empty}"], "is empty"),
+    (["generate", "--input", "{doc}", "--group-size", "4"], "both --group-size and --window"),
+    (["generate", "--input", "{doc}", "--group-size", "4", "--window", "64"], "smaller than the model's training"),
+    (["generate", "--input", "{long}"], "need a group size above 64"),
+    (["plan", "--model", "no-such/model-anywhere", "--length", "100"], "unknown model"),
+    (["plan", "--model", "/no/such/model.gguf", "--length", "100"], "no such GGUF file"),
+    (["plan"], "--length N or --input"),
+])
+def test_clear_errors(model_dir, tmp_path, capsys, argv, message):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "doc.txt").write_text("The grass is green. " * 10)
+    (tmp_path / "long.txt").write_text("The grass is green. " * 1500)
+    argv = [a.format(empty=tmp_path / "empty.txt", doc=tmp_path / "doc.txt", long=tmp_path / "long.txt")
+            for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(model_dir)]
+    code, out, err = run(capsys, *argv, *(["--quiet"] if argv[0] == "generate" else []))
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_model_without_rope_is_a_clear_error(tmp_path, capsys, model_dir):
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=303,
+                                                         n_positions=64)).save_pretrained(gpt2)
+    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(gpt2)
+    (tmp_path / "doc.txt").write_text("The grass is green. " * 10)
+    code, out, err = run(capsys, "generate", "--input", tmp_path / "doc.txt", "--model", gpt2, "--quiet",
+                         "--group-size", 2, "--window", 8)
+    assert code == 2 and "no rotary position embedding" in err
+
+
+def test_plan_table_and_json(model_dir, capsys):
+    code, out, err = run(capsys, "plan", "--model", model_dir, "--length", 200)
+    assert code == 0 and "group size G" in out and "why:" in out
+    code, out, err = run(capsys, "plan", "--model", model_dir, "--length", 200, "--json")
+    data = json.loads(out)
+    assert data["train_length"] == TRAIN_LENGTH and data["max_length"] >= 200
+
+
+def test_plan_measures_an_input(model_dir, tmp_path, capsys):
+    (tmp_path / "doc.txt").write_text("The grass is green. " * 30)
+    code, out, err = run(capsys, "plan", "--model", model_dir, "--input", tmp_path / "doc.txt", "--json")
+    assert code == 0 and json.loads(out)["target_length"] > TRAIN_LENGTH
+
+
+def test_info(model_dir, capsys):
+    code, out, err = run(capsys, "info", "--model", model_dir, "--json")
+    info = json.loads(out)
+    assert info["family"] == "llama" and info["extended_layers"] == [0, 1] and info["training_length"] == 64
+
+
+def test_passkey_sample_is_deterministic_and_sized():
+    count = lambda text: len(text.split())  # noqa: E731
+    a, b = passkey_sample(count, 500, depth=0.25, seed=3), passkey_sample(count, 500, depth=0.25, seed=3)
+    assert a == b and a.answer in a.text and abs(count(a.text + a.question) - 500) < 40
+    assert a.text.index(a.answer) < len(a.text) // 2
+
+
+@pytest.mark.slow
+def test_embedded_default_past_its_training_length(capsys):
+    """The real Gemma 3 270M on a generated passkey document past 32K tokens (minutes on CPU)."""
+    code, out, err = run(capsys, "generate", "--sample-tokens", 34000, "--max-new-tokens", 8, "--quiet")
+    assert code == 0, err
+    assert "G=" in err and out.strip()
