@@ -6,11 +6,13 @@ and the converted weights are cached under $SELFEXTEND_HOME (default ~/.cache/se
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import transformers
 
@@ -102,6 +104,11 @@ def _save_converted(model: transformers.PreTrainedModel, source: ModelSource) ->
     """Write the converted model beside, then move it into place, so a cut-off save leaves no half cache."""
     partial = source.cache_to.with_name(source.cache_to.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    partial.mkdir(parents=True)
+    config = copy.deepcopy(model.config)  # the dequantized weights are plain tensors: drop the GGUF marker
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(partial)
+    safetensors.torch.save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
     load_tokenizer(source).save_pretrained(partial)
     partial.rename(source.cache_to)
