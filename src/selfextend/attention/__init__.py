@@ -30,6 +30,14 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
+try:  # FlexAttention (torch >= 2.5): the GPU backend, also runnable (slowly, uncompiled) on CPU for tests
+    from . import flex
+except ImportError:  # pragma: no cover - older torch
+    flex = None
+else:
+    BACKENDS["flex"] = Backend(flex.selfextend_attention, flex.local_attention)
+
+
 def register_backend(name: str, backend: Backend) -> None:
     """Make a backend selectable by name (GPU kernels register themselves when their dependencies import)."""
     BACKENDS[name] = backend

@@ -1,0 +1,92 @@
+"""GPU backend: FlexAttention with block masks, two passes merged by log-sum-exp.
+
+Neighbor pass: the model's rotation, keys at distance 0 <= d < W (a band: only O(n·W) blocks run).
+Grouped pass: grouped rotation, keys at d >= W. Both skip empty blocks, handle GQA without repeating
+K/V and return their log-sum-exp, so the merge is exact and no n×n matrix exists. Short query
+chunks (decode) go to the blockwise backend, where a block mask would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.nn.attention import flex_attention as _flex
+
+from ..rotary import GroupedRotation
+from . import blockwise
+from .layout import Geometry
+from .merge import merge_states
+
+MIN_QUERIES = 128  # below this many queries the blockwise backend is used
+_BLOCK = 128
+
+
+@functools.cache
+def _compiled():
+    """flex_attention compiled once per process (eager flex is a slow reference); CPU runs it uncompiled."""
+    return torch.compile(_flex.flex_attention, dynamic=False)
+
+
+def _run(query, key, value, block_mask, scale):
+    fn = _compiled() if query.device.type == "cuda" else _flex.flex_attention
+    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+    if hasattr(_flex, "AuxRequest"):
+        out, aux = fn(query, key, value, return_aux=_flex.AuxRequest(lse=True), **kwargs)
+        return out, aux.lse
+    return fn(query, key, value, return_lse=True, **kwargs)
+
+
+def _block_mask(geometry: Geometry, n_queries: int, n_keys: int, low: int, high: int | None, device):
+    """Block mask for low <= d (< high) with d = shift + q - kv, on valid keys."""
+    shift = torch.tensor(geometry.shift, device=device)
+    valid = geometry.valid
+
+    def mask_mod(b, h, q, kv):
+        d = shift + q - kv
+        keep = d >= low
+        if high is not None:
+            keep = keep & (d < high)
+        if valid is not None:
+            keep = keep & valid[b, kv]
+        return keep
+
+    batch = None if valid is None else valid.shape[0]
+    return _flex.create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device,
+                                   BLOCK_SIZE=_BLOCK)
+
+
+def _attend(query, key, value, geometry, low, high, scale):
+    n, m = query.shape[2], key.shape[2]
+    return _run(query, key, value, _block_mask(geometry, n, m, low, high, query.device), scale)
+
+
+def selfextend_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry: Geometry, rotation: GroupedRotation,
+    scale: float,
+) -> torch.Tensor:
+    """SelfExtend attention, [b, hq, n, d] queries over [b, hkv, m, d] keys; returns [b, n, hq, d]."""
+    if query.shape[2] < MIN_QUERIES:
+        return blockwise.selfextend_attention(query, key, value, geometry, rotation, scale)
+    W = rotation.window_size
+    outputs, lses = [], []
+    out, lse = _attend(query, key, value, geometry, 0, W, scale)
+    outputs.append(out)
+    lses.append(lse)
+    if geometry.shift + query.shape[2] - 1 >= W:  # some query reaches grouped distance
+        query_grouped = rotation(query, geometry.query_positions, "query")
+        key_grouped = rotation(key, geometry.key_positions, "key")
+        out, lse = _attend(query_grouped, key_grouped, value, geometry, W, None, scale)
+        outputs.append(out)
+        lses.append(lse)
+    return merge_states(outputs, lses).to(query.dtype).transpose(1, 2)
+
+
+def local_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry: Geometry, window: int, scale: float,
+) -> torch.Tensor:
+    """Sliding-window attention through a band block mask: O(n·window)."""
+    if query.shape[2] < MIN_QUERIES:
+        return blockwise.local_attention(query, key, value, geometry, window, scale)
+    out, lse = _attend(query, key, value, geometry, 0, window, scale)
+    return merge_states([out], [lse]).to(query.dtype).transpose(1, 2)
