@@ -120,3 +120,16 @@ def test_flex_backend_matches_oracle(n_queries, n_keys, pads, monkeypatch):
     local = flex.local_attention(q, k, v, geometry, 12, 0.3)
     expected_local = reference_attention(q, k, v, geometry, None, 0.3, local_window=12)
     torch.testing.assert_close(local[rows], expected_local[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_portable_partial_matches_cpu_kernel():
+    from selfextend.attention.partial import _attend_math, attend
+
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 6, 5, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    mask = torch.rand(2, 1, 5, 9) > 0.3
+    mask[1, 0, 2] = False  # a row that sees nothing
+    out, lse = attend(q, k, v, mask, 0.3)
+    out_math, lse_math = _attend_math(q, k, v, mask, 0.3)
+    torch.testing.assert_close(out_math.masked_fill(~mask.any(-1)[..., None], 0), out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_math, lse)

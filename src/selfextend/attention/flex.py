@@ -24,8 +24,13 @@ _BLOCK = 128
 
 @functools.cache
 def _compiled():
-    """flex_attention compiled once per process (eager flex is a slow reference); CPU runs it uncompiled."""
-    return torch.compile(_flex.flex_attention, dynamic=False)
+    """flex_attention compiled once per process (eager flex materialises n×n scores); CPU runs it uncompiled.
+
+    Shapes are left to dynamo's automatic dynamic mode, and the recompile limit raised so that new
+    lengths, dtypes and masks never fall back to the eager path.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(_flex.flex_attention)
 
 
 def _run(query, key, value, block_mask, scale):
@@ -52,8 +57,9 @@ def _block_mask(geometry: Geometry, n_queries: int, n_keys: int, low: int, high:
         return keep
 
     batch = None if valid is None else valid.shape[0]
-    return _flex.create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device,
-                                   BLOCK_SIZE=_BLOCK)
+    # compiled on CUDA so the mask is built block by block, never as an n×n tensor
+    return _flex.create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device, BLOCK_SIZE=_BLOCK,
+                                   _compile=device.type == "cuda")
 
 
 def _attend(query, key, value, geometry, low, high, scale):

@@ -30,13 +30,17 @@ def attend(
 
 
 def _attend_math(query, key, value, mask, scale):
-    """Portable fallback (any device): explicit logits for this partial only, never the whole n×n matrix."""
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    """Portable fallback (any device): explicit logits for this partial only, never the whole n×n matrix.
+
+    Query heads sharing a key/value head are folded into its rows, so K and V are never repeated.
+    """
+    b, hq, n, d = query.shape
+    hkv, m = key.shape[1], key.shape[2]
+    folded = query.float().reshape(b, hkv, hq // hkv * n, d)
+    logits = torch.matmul(folded, key.float().transpose(-1, -2)).mul_(scale).view(b, hkv, hq // hkv, n, m)
     if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
+        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
-    return torch.matmul(probs, value.float()).to(query.dtype), lse
+    out = torch.matmul(probs.view(b, hkv, hq // hkv * n, m), value.float())
+    return out.view(b, hq, n, d).to(query.dtype), lse.view(b, hq, n)
