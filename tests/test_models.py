@@ -139,3 +139,9 @@ def test_planned_settings_and_too_long_warning():
     assert chosen.max_length >= 200
     with pytest.warns(UserWarning, match=r"exceeds the SelfExtend limit \(L - W\)·G \+ W = 232"):
         _logits(selfextend.apply(model, G, W), _ids(240))
+
+
+def test_hopeless_length_still_warns_instead_of_failing():
+    model = selfextend.apply(make_model("llama"), 2, 8)  # limit (64 - 8)·2 + 8 = 120; 5000 tokens need G > 64
+    with pytest.warns(UserWarning, match="need a group size above 64"):
+        _logits(model, _ids(5000))

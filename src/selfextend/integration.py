@@ -17,7 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import KVLayout, layout_mask, resolve_backend, resolve_geometry
 from .config import SelfExtendConfig
-from .planner import plan
+from .planner import InputTooLongError, plan
 from .rotary import GroupedRotation, UnsupportedModelError, find_rope
 
 ATTENTION_NAME = "selfextend"
@@ -65,11 +65,15 @@ def _warn_if_too_long(state: _State, geometry) -> None:
     length = int(geometry.query_positions[:, -1].max()) + 1
     if length > state.config.max_length:
         state.warned_long = True
-        suggestion = plan(state.config.train_length, length).group_size if length > 0 else 1
+        try:
+            chosen = plan(state.config.train_length, length)
+            suggestion = f"Try group_size={chosen.group_size}, window_size={chosen.window_size}."
+        except InputTooLongError as error:
+            suggestion = str(error)
         warnings.warn(
             f"input of {length} tokens exceeds the SelfExtend limit (L - W)·G + W = {state.config.max_length} "
             f"for G={state.config.group_size}, W={state.config.window_size}, L={state.config.train_length}; "
-            f"positions past training will degrade output. Try group_size={suggestion}.",
+            f"positions past training will degrade output. {suggestion}",
             stacklevel=3,
         )
 

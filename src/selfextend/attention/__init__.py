@@ -38,11 +38,6 @@ else:
     BACKENDS["flex"] = Backend(flex.selfextend_attention, flex.local_attention)
 
 
-def register_backend(name: str, backend: Backend) -> None:
-    """Make a backend selectable by name (GPU kernels register themselves when their dependencies import)."""
-    BACKENDS[name] = backend
-
-
 def resolve_backend(name: str, device: torch.device) -> Backend:
     """'auto' picks the fastest backend for the device; any other name must be registered."""
     if name == "auto":
@@ -52,5 +47,5 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     return BACKENDS[name]
 
 
-__all__ = ["BACKENDS", "Backend", "Geometry", "KVLayout", "layout_mask", "register_backend", "resolve_backend",
+__all__ = ["BACKENDS", "Backend", "Geometry", "KVLayout", "layout_mask", "resolve_backend",
            "resolve_geometry"]
