@@ -8,6 +8,7 @@ chunks (decode) go to the blockwise backend, where a block mask would cost more 
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import torch
@@ -42,10 +43,22 @@ def _run(query, key, value, block_mask, scale):
     return fn(query, key, value, return_lse=True, **kwargs)
 
 
+_MASKS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_MASK_CACHE_SIZE = 8
+
+
 def _block_mask(geometry: Geometry, n_queries: int, n_keys: int, low: int, high: int | None, device):
-    """Block mask for low <= d (< high) with d = shift + q - kv, on valid keys."""
-    shift = torch.tensor(geometry.shift, device=device)
+    """Block mask for low <= d (< high) with d = shift + q - kv, on valid keys.
+
+    Every layer of a forward pass shares the geometry, so masks are cached: the key holds the padding
+    tensor itself (kept alive in the entry, so its id cannot be reused while cached).
+    """
     valid = geometry.valid
+    key = (geometry.shift, n_queries, n_keys, low, high, str(device), None if valid is None else id(valid))
+    if key in _MASKS:
+        _MASKS.move_to_end(key)
+        return _MASKS[key][0]
+    shift = torch.tensor(geometry.shift, device=device)
 
     def mask_mod(b, h, q, kv):
         d = shift + q - kv
@@ -58,8 +71,12 @@ def _block_mask(geometry: Geometry, n_queries: int, n_keys: int, low: int, high:
 
     batch = None if valid is None else valid.shape[0]
     # compiled on CUDA so the mask is built block by block, never as an n×n tensor
-    return _flex.create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device, BLOCK_SIZE=_BLOCK,
+    mask = _flex.create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device, BLOCK_SIZE=_BLOCK,
                                    _compile=device.type == "cuda")
+    _MASKS[key] = (mask, valid)
+    if len(_MASKS) > _MASK_CACHE_SIZE:
+        _MASKS.popitem(last=False)
+    return mask
 
 
 def _attend(query, key, value, geometry, low, high, scale):
