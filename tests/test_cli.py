@@ -144,3 +144,14 @@ def test_embedded_default_past_its_training_length(capsys):
     code, out, err = run(capsys, "generate", "--sample-tokens", 34000, "--max-new-tokens", 8, "--quiet")
     assert code == 0, err
     assert "G=" in err and out.strip()
+
+
+def test_ctrl_c_stops_cleanly(model_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "doc.txt").write_text("The grass is green. " * 10)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("selfextend.models.load_model", interrupted)
+    code, out, err = run(capsys, "generate", "--input", tmp_path / "doc.txt", "--model", model_dir, "--quiet")
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
