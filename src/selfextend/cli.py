@@ -10,7 +10,8 @@ from pathlib import Path
 
 from . import models
 from .planner import InputTooLongError, plan
-from .rotary import UnsupportedModelError
+from .integration import apply, settings, training_length
+from .rotary import UnsupportedModelError, rope_parameters_of
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -78,8 +79,6 @@ def cmd_generate(args) -> None:
     from tqdm import tqdm
     from transformers import DynamicCache, TextStreamer
 
-    import selfextend
-
     if args.input is None and args.sample_tokens is None:
         raise CommandError("give --input FILE (or - for stdin), or --sample-tokens N for a generated passkey document")
     source = _source(args)
@@ -89,13 +88,13 @@ def cmd_generate(args) -> None:
     model = models.load_model(source, device=args.device, dtype=args.dtype)
     ids = _prompt_ids(tokenizer, text, question, args.chat).to(args.device)
     n = ids.shape[1]
-    train_length = selfextend.training_length(model)
+    train_length = training_length(model)
     group, window, why = _settings(args, train_length, n + args.max_new_tokens)
     try:
-        selfextend.apply(model, group, window)
+        apply(model, group, window)
     except (UnsupportedModelError, ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
-    limit = selfextend.settings(model).max_length
+    limit = settings(model).max_length
     print(f"[selfextend] {n} prompt tokens, training length {train_length}: G={group}, W={window}, "
           f"limit {limit} ({why}); model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     cache = DynamicCache(config=model.config)
@@ -119,17 +118,10 @@ def cmd_generate(args) -> None:
           f"{new_tokens} new tokens in {decode_seconds:.1f}s", file=sys.stderr)
 
 
-def _train_length_of(config) -> int:
-    length = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if not isinstance(length, int):
-        raise CommandError("the model config has no max_position_embeddings")
-    return length
-
-
 def cmd_plan(args) -> None:
     source = _source(args)
     config = models.load_config(source)
-    train_length = _train_length_of(config)
+    train_length = training_length(config)
     if args.length is None:
         if args.input is None:
             raise CommandError("give --length N or --input FILE")
@@ -153,16 +145,14 @@ def cmd_plan(args) -> None:
 def model_info(config) -> dict:
     """Family, RoPE settings, training length and which layers SelfExtend extends."""
     text = config.get_text_config()
-    rope = getattr(text, "rope_parameters", None) or {}
+    rope = rope_parameters_of(text)
     layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-    if isinstance(rope.get("full_attention"), dict):
-        rope = rope["full_attention"]
     if getattr(text, "sliding_window", None) and getattr(text, "layer_types", None) is None:
         if getattr(text, "use_sliding_window", True):
             layer_types = ["sliding_attention"] * text.num_hidden_layers
     extended = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
     return {"family": text.model_type, "rope_type": rope.get("rope_type", "default"),
-            "rope_theta": rope.get("rope_theta"), "training_length": _train_length_of(config),
+            "rope_theta": rope.get("rope_theta"), "training_length": training_length(config),
             "layers": len(layer_types), "extended_layers": extended,
             "local_layers": [i for i in range(len(layer_types)) if i not in extended],
             "sliding_window": getattr(text, "sliding_window", None)}
@@ -216,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except CommandError as error:
+    except (CommandError, UnsupportedModelError) as error:
         print(f"selfextend: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

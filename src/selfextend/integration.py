@@ -83,9 +83,10 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, layout_mask)
 
 
-def training_length(model: nn.Module) -> int:
-    """The context length the model was trained on (max_position_embeddings of its text config)."""
-    length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+def training_length(model_or_config) -> int:
+    """The context length a model (or its config) was trained on: max_position_embeddings of the text config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    length = getattr(config.get_text_config(), "max_position_embeddings", None)
     if not isinstance(length, int) or length < 1:
         raise UnsupportedModelError("the model config has no max_position_embeddings to extend")
     return length

@@ -108,11 +108,15 @@ class RopeSource:
         return getattr(self.module, self.buffer)
 
 
+def rope_parameters_of(text_config, layer_type: str = "full_attention") -> dict:
+    """The RoPE parameters of `layer_type` layers (configs like Gemma 3 keep one dict per layer type)."""
+    parameters = getattr(text_config, "rope_parameters", None) or {}
+    return parameters[layer_type] if isinstance(parameters.get(layer_type), dict) else parameters
+
+
 def find_rope(model: nn.Module, text_config, layer_type: str = "full_attention") -> RopeSource:
     """Locate the rotary embedding feeding the full-attention layers, or raise naming what is missing."""
-    rope_parameters = getattr(text_config, "rope_parameters", None) or {}
-    if isinstance(rope_parameters.get(layer_type), dict):
-        rope_parameters = rope_parameters[layer_type]
+    rope_parameters = rope_parameters_of(text_config, layer_type)
     if "mrope_section" in rope_parameters or rope_parameters.get("rope_type") == "mrope":
         raise UnsupportedModelError("multimodal RoPE (M-RoPE) is not supported by SelfExtend here")
     for module in model.modules():
