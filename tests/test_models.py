@@ -145,3 +145,14 @@ def test_hopeless_length_still_warns_instead_of_failing():
     model = selfextend.apply(make_model("llama"), 2, 8)  # limit (64 - 8)·2 + 8 = 120; 5000 tokens need G > 64
     with pytest.warns(UserWarning, match="need a group size above 64"):
         _logits(model, _ids(5000))
+
+
+def test_gradients_match_oracle():
+    """With autograd on (fine-tuning, or no torch.no_grad), gradients equal the oracle's."""
+    grads = {}
+    for backend in ("reference", "blockwise"):
+        model = make_model("llama")
+        selfextend.apply(model, G, W, backend=backend)
+        model(_ids(200), labels=_ids(200)).loss.backward()
+        grads[backend] = model.model.layers[0].self_attn.q_proj.weight.grad
+    torch.testing.assert_close(grads["blockwise"], grads["reference"], atol=1e-5, rtol=1e-4)

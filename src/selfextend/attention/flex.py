@@ -18,8 +18,9 @@ from ..rotary import GroupedRotation
 from . import blockwise
 from .layout import Geometry
 from .merge import merge_states
+from .partial import needs_grad
 
-MIN_QUERIES = 128  # below this many queries the blockwise backend is used
+MIN_QUERIES = 128  # below this many queries (or under autograd) the blockwise backend is used
 _BLOCK = 128
 
 
@@ -89,7 +90,7 @@ def selfextend_attention(
     scale: float,
 ) -> torch.Tensor:
     """SelfExtend attention, [b, hq, n, d] queries over [b, hkv, m, d] keys; returns [b, n, hq, d]."""
-    if query.shape[2] < MIN_QUERIES:
+    if query.shape[2] < MIN_QUERIES or needs_grad(query, key, value):  # flex's lse carries no gradient
         return blockwise.selfextend_attention(query, key, value, geometry, rotation, scale)
     W = rotation.window_size
     outputs, lses = [], []
@@ -109,7 +110,7 @@ def local_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry: Geometry, window: int, scale: float,
 ) -> torch.Tensor:
     """Sliding-window attention through a band block mask: O(n·window)."""
-    if query.shape[2] < MIN_QUERIES:
+    if query.shape[2] < MIN_QUERIES or needs_grad(query, key, value):
         return blockwise.local_attention(query, key, value, geometry, window, scale)
     out, lse = _attend(query, key, value, geometry, 0, window, scale)
     return merge_states([out], [lse]).to(query.dtype).transpose(1, 2)

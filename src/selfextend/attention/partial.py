@@ -11,9 +11,10 @@ def attend(
     """Softmax attention of query [b, hq, n, d] over key/value [b, hkv, m, d] (GQA allowed).
 
     mask: bool, broadcastable to [b, 1, n, m], True where attended. Returns (output [b, hq, n, d],
-    lse [b, hq, n] in float32, -inf on rows that see no key).
+    lse [b, hq, n] in float32, -inf on rows that see no key). Under autograd the explicit form runs,
+    since the fused kernel's lse carries no gradient and merging partials needs it.
     """
-    if query.device.type == "cpu":
+    if query.device.type == "cpu" and not needs_grad(query, key, value):
         float_mask = None
         if mask is not None:
             float_mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
@@ -27,6 +28,11 @@ def attend(
         lse = lse.masked_fill(~sees_a_key, float("-inf"))
         out = out.masked_fill(~sees_a_key[..., None], 0.0)
     return out, lse
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will track an operation on these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _attend_math(query, key, value, mask, scale):
