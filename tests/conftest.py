@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from tokenizers import ByteLevelBPETokenizer
 
 TRAIN_LENGTH = 64
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -55,6 +56,23 @@ def make_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     model = FAMILIES[family]().eval()
     model.set_attn_implementation("sdpa")
     return model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny Llama and a byte-level tokenizer trained here, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["The grass is green. The sky is blue. pass key 12345"], vocab_size=300,
+                            special_tokens=["<pad>", "<s>", "</s>"])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                                     pad_token="<pad>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
+                                      pad_token_id=0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(params=sorted(FAMILIES))

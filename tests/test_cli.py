@@ -6,27 +6,10 @@ import json
 import pytest
 import torch
 import transformers
-from tokenizers import ByteLevelBPETokenizer
 
 from selfextend import cli
 from selfextend.samples import passkey_sample
 from conftest import COMMON, TRAIN_LENGTH
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["The grass is green. The sky is blue. pass key 12345"], vocab_size=300,
-                            special_tokens=["<pad>", "<s>", "</s>"])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                                     pad_token="<pad>")
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
-                                      pad_token_id=0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
 
 
 def run(capsys, *argv):

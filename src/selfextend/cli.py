@@ -1,4 +1,4 @@
-"""Command line: `selfextend generate | plan | info`."""
+"""Command line: `selfextend generate | eval | plan | info`."""
 
 from __future__ import annotations
 
@@ -74,10 +74,14 @@ def _settings(args, train_length: int, length: int) -> tuple[int, int, str]:
     return chosen.group_size, chosen.window_size, chosen.reason
 
 
+def _pad_id(tokenizer) -> int | None:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def cmd_generate(args) -> None:
-    import torch
-    from tqdm import tqdm
-    from transformers import DynamicCache, TextStreamer
+    from transformers import TextStreamer
+
+    from .inference import answer, prefill
 
     if args.input is None and args.sample_tokens is None:
         raise CommandError("give --input FILE (or - for stdin), or --sample-tokens N for a generated passkey document")
@@ -97,22 +101,12 @@ def cmd_generate(args) -> None:
     limit = settings(model).max_length
     print(f"[selfextend] {n} prompt tokens, training length {train_length}: G={group}, W={window}, "
           f"limit {limit} ({why}); model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
-    cache = DynamicCache(config=model.config)
     prefill_start = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=n - 1, unit="tok", desc="prefill", file=sys.stderr,
-                                      disable=args.quiet) as bar:
-        for start in range(0, n - 1, args.chunk_size):
-            end = min(n - 1, start + args.chunk_size)
-            model(ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            bar.update(end - start)
+    cache = prefill(model, ids, args.chunk_size, progress=not args.quiet)
     prefill_seconds = time.perf_counter() - prefill_start
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     decode_start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
-                             max_new_tokens=args.max_new_tokens, streamer=streamer,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    new_tokens = out.shape[1] - n
+    new_tokens = len(answer(model, ids, cache, args.max_new_tokens, _pad_id(tokenizer), streamer))
     decode_seconds = time.perf_counter() - decode_start
     print(f"[selfextend] prefill {n} tokens in {prefill_seconds:.1f}s ({n / max(prefill_seconds, 1e-9):.0f} tok/s); "
           f"{new_tokens} new tokens in {decode_seconds:.1f}s", file=sys.stderr)
@@ -167,6 +161,49 @@ def cmd_info(args) -> None:
         print(f"{key:<16} {value}")
 
 
+def _lengths(text: str) -> list[int]:
+    """`4k,8k,6000` → [4096, 8192, 6000] (k = 1024 tokens)."""
+    try:
+        return [int(float(item[:-1]) * 1024) if item.lower().endswith("k") else int(item)
+                for item in text.split(",") if item.strip()]
+    except ValueError as error:
+        raise CommandError(f"bad --lengths {text!r}: give token counts like 4k,8k,6000") from error
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError as error:
+        raise CommandError(f"bad {flag} {text!r}: give numbers like 0,0.5,1") from error
+
+
+def cmd_eval(args) -> None:
+    from .evaluation import Evaluation, Method, evaluate, format_table, plot, summarize, write_csv
+
+    try:
+        methods = Method.parse_list(args.methods)
+        options = {"digits": args.digits} if args.digits is not None else {}
+        ev = Evaluation(args.task, _lengths(args.lengths), methods, args.model or models.DEFAULT_MODEL,
+                        depths=_floats(args.depths, "--depths"), samples=args.samples, seed=args.seed,
+                        chunk_size=args.chunk_size, bucket=args.bucket, options=options)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    source = _source(args)
+    tokenizer = models.load_tokenizer(source)
+    model = models.load_model(source, device=args.device, dtype=args.dtype)
+    out = Path(args.out)
+    try:
+        rows = evaluate(model, tokenizer, ev, out, progress=not args.quiet)
+    except (InputTooLongError, ValueError, TypeError) as error:
+        raise CommandError(str(error)) from error
+    summary = summarize([r for r in rows if r["task"] == ev.task])
+    write_csv(summary, out / "summary.csv")
+    pictures = plot(rows, out)
+    print(format_table(summary))
+    print(f"[eval] {out / 'results.jsonl'}, {out / 'summary.csv'}, " + ", ".join(str(p) for p in pictures),
+          file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfextend", description="SelfExtend long-context inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(run=cmd_generate)
+
+    ev = sub.add_parser("eval", help="score methods side by side on a long-context task; resumable")
+    ev.add_argument("task", help="passkey, niah, multikey, multivalue, vartrack, kv or perplexity")
+    ev.add_argument("--model", help=model_help)
+    ev.add_argument("--lengths", required=True, help="input lengths in tokens, e.g. 16k,32k,48k (k = 1024)")
+    ev.add_argument("--methods", default="vanilla,selfextend",
+                    help="comma list of vanilla, selfextend[:G=..,W=..], linear|dynamic|yarn[:factor=..]")
+    ev.add_argument("--depths", default="0.5", help="needle depths, 0..1, e.g. 0,0.25,0.5,0.75,1")
+    ev.add_argument("--samples", type=int, default=1, help="samples (seeds) per length and depth")
+    ev.add_argument("--seed", type=int, default=0, help="first seed")
+    ev.add_argument("--digits", type=int, help="digits of the key or magic number (passkey: 5, others: 7)")
+    ev.add_argument("--bucket", type=int, help="perplexity: tokens per position bucket (default: training length/8)")
+    ev.add_argument("--out", required=True, help="output folder; a rerun resumes from its results.jsonl")
+    ev.add_argument("--chunk-size", type=int, default=2048, help="prefill tokens per forward pass")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(run=cmd_eval)
 
     pl = sub.add_parser("plan", help="choose G and W for an input length")
     pl.add_argument("--model", help=model_help)

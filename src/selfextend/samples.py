@@ -18,7 +18,8 @@ class PasskeySample:
     answer: str
 
 
-def _needle(key: str) -> str:
+def needle(key: str) -> str:
+    """The authors' needle sentence for `key`."""
     return f"The pass key is {key}. Remember it. {key} is the pass key. "
 
 
@@ -28,9 +29,9 @@ def passkey_sample(count_tokens, n_tokens: int, depth: float = 0.5, digits: int 
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be within [0, 1], got {depth}")
     key = str(random.Random(seed).randrange(10 ** (digits - 1), 10**digits))
-    fixed = count_tokens(INSTRUCTION + _needle(key) + QUESTION)
+    fixed = count_tokens(INSTRUCTION + needle(key) + QUESTION)
     per_filler = max(1, count_tokens(FILLER * 20) // 20)
     repeats = max(1, (n_tokens - fixed) // per_filler)
     before = round(repeats * depth)
-    text = INSTRUCTION + FILLER * before + _needle(key) + FILLER * (repeats - before)
+    text = INSTRUCTION + FILLER * before + needle(key) + FILLER * (repeats - before)
     return PasskeySample(text, QUESTION, key)

@@ -1,0 +1,123 @@
+"""The methods compared side by side: vanilla, SelfExtend, and transformers' training-free RoPE scalings.
+
+A method is applied to a loaded model for one input length and undone afterwards, so one model serves
+every method. `linear`, `dynamic` (NTK) and `yarn` take their frequencies from transformers' own
+ROPE_INIT_FUNCTIONS with a factor fitted to the length (N / L, at least 1) unless one is given, and scale
+only the layers SelfExtend would extend (Gemma 3's sliding-window layers stay as they are). `dynamic` is
+frozen at the input's length, which is what one unchunked forward pass over the whole input would use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedModel
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from ..integration import apply, remove
+from ..planner import plan
+from ..rotary import find_rope, rope_parameters_of
+
+ROPE_SCALINGS = ("linear", "dynamic", "yarn")
+METHODS = ("vanilla", "selfextend") + ROPE_SCALINGS
+_PARAMETERS = {"vanilla": (), "selfextend": ("G", "W"), "linear": ("factor",), "dynamic": ("factor",),
+               "yarn": ("factor",)}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method name and the parameters the user fixed; the rest are fitted to each length."""
+
+    name: str
+    fixed: dict = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Method":
+        """`yarn`, `linear:factor=4`, `selfextend:G=8,W=1024`."""
+        name, _, rest = spec.strip().partition(":")
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        fixed = {}
+        for item in filter(None, rest.split(",")):
+            key, _, value = item.partition("=")
+            if key not in _PARAMETERS[name] or not value:
+                allowed = ", ".join(_PARAMETERS[name]) or "none"
+                raise ValueError(f"bad parameter {item!r} for {name} (parameters: {allowed})")
+            fixed[key] = float(value) if key == "factor" else int(value)
+        if name == "selfextend" and len(fixed) == 1:
+            raise ValueError("give both G and W for selfextend, or neither to have them planned")
+        return cls(name, fixed)
+
+    @classmethod
+    def parse_list(cls, text: str) -> list["Method"]:
+        """`vanilla,selfextend:G=8,W=1024,yarn`: a bare key=value item continues the method before it."""
+        specs: list[str] = []
+        for item in (part.strip() for part in text.split(",")):
+            if "=" in item and ":" not in item and specs:
+                specs[-1] += "," + item
+            elif item:
+                specs.append(item)
+        return [cls.parse(spec) for spec in specs]
+
+    @property
+    def spec(self) -> str:
+        return self.name + (":" + ",".join(f"{k}={v}" for k, v in self.fixed.items()) if self.fixed else "")
+
+    def parameters(self, train_length: int, length: int) -> dict:
+        """The parameters used at `length` tokens: the fixed ones, the others fitted."""
+        if self.name == "selfextend":
+            if self.fixed:
+                return dict(self.fixed)
+            chosen = plan(train_length, length)
+            return {"G": chosen.group_size, "W": chosen.window_size}
+        if self.name in ROPE_SCALINGS:
+            return {"factor": self.fixed.get("factor", round(max(1.0, length / train_length), 4))}
+        return {}
+
+
+@contextlib.contextmanager
+def applied(model: PreTrainedModel, method: Method, train_length: int, length: int) -> Iterator[dict]:
+    """`model` running `method` for inputs of `length` tokens, restored on exit; yields the parameters."""
+    params = method.parameters(train_length, length)
+    if method.name == "selfextend":
+        apply(model, params["G"], params["W"])
+        try:
+            yield params
+        finally:
+            remove(model)
+    elif method.name in ROPE_SCALINGS:
+        with _rescaled_rope(model, method.name, params["factor"], train_length, length):
+            yield params
+    else:
+        yield params
+
+
+@contextlib.contextmanager
+def _rescaled_rope(model: PreTrainedModel, rope_type: str, factor: float, train_length: int,
+                   length: int) -> Iterator[None]:
+    """Swap in the full-attention layers' frequencies (and attention scaling) of `rope_type` at `factor`."""
+    text_config = model.config.get_text_config()
+    source = find_rope(model, text_config)
+    per_type = source.buffer != "inv_freq"
+    layer_type = "full_attention" if per_type else None
+    config = copy.deepcopy(text_config)
+    scaled = {**rope_parameters_of(text_config), "rope_type": rope_type, "factor": factor,
+              "original_max_position_embeddings": train_length}
+    if per_type:
+        config.rope_parameters = {**config.rope_parameters, layer_type: scaled}
+    else:
+        config.rope_parameters = scaled
+    device = source.inv_freq().device
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, seq_len=length, layer_type=layer_type)
+    scaling_name = source.buffer.removesuffix("inv_freq") + "attention_scaling"
+    saved = (source.inv_freq(), getattr(source.module, scaling_name))
+    setattr(source.module, source.buffer, inv_freq.to(saved[0].dtype))
+    setattr(source.module, scaling_name, scaling)
+    try:
+        yield
+    finally:
+        setattr(source.module, source.buffer, saved[0])
+        setattr(source.module, scaling_name, saved[1])
