@@ -99,7 +99,8 @@ def _heatmaps(task: str, rows: list[dict], path: Path) -> Path:
     methods = _methods(rows)
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
-    figure, axes = plt.subplots(1, len(methods), figsize=(2.2 + 2.2 * len(methods), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(methods), figsize=(1.5 + 2.4 * len(methods), 3.8), squeeze=False,
+                                sharey=True, layout="constrained")
     for ax, method in zip(axes[0], methods):
         grid = [[float("nan")] * len(lengths) for _ in depths]
         for i, depth in enumerate(depths):
@@ -111,9 +112,10 @@ def _heatmaps(task: str, rows: list[dict], path: Path) -> Path:
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], rotation=45)
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set(title=method, xlabel="length")
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("length")
     axes[0][0].set_ylabel("needle depth")
-    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label="accuracy")
     figure.suptitle(f"{task}: accuracy by length and depth")
     figure.savefig(path, dpi=120)
     plt.close(figure)
