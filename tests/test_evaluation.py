@@ -32,6 +32,13 @@ def test_tasks_are_deterministic_sized_and_hold_their_answers(task):
     assert sample.prompt.endswith(sample.question)
 
 
+@pytest.mark.parametrize("digits", [5, 10])
+def test_passkey_digits(digits):
+    sample = TASKS["passkey"](count_words, 500, 0.5, seed=4, digits=digits)
+    assert len(sample.expected[0]) == digits and sample.expected[0].isdigit()
+    assert sample.max_new_tokens >= digits
+
+
 @pytest.mark.parametrize("task", ["passkey", "niah", "multikey", "kv"])
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_asked_needle_sits_at_its_depth(task, depth):
