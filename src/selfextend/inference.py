@@ -30,6 +30,5 @@ def answer(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, max_n
            pad_token_id: int | None, streamer=None) -> torch.Tensor:
     """Greedy continuation of `ids` from its pre-filled cache; returns the new token ids of row 0."""
     out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
-                         max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad_token_id,
-                         top_p=None, top_k=None, temperature=None)
+                         max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad_token_id)
     return out[0, ids.shape[1]:]
