@@ -74,14 +74,10 @@ def _settings(args, train_length: int, length: int) -> tuple[int, int, str]:
     return chosen.group_size, chosen.window_size, chosen.reason
 
 
-def _pad_id(tokenizer) -> int | None:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def cmd_generate(args) -> None:
     from transformers import TextStreamer
 
-    from .inference import answer, prefill
+    from .inference import answer, pad_id, prefill
 
     if args.input is None and args.sample_tokens is None:
         raise CommandError("give --input FILE (or - for stdin), or --sample-tokens N for a generated passkey document")
@@ -106,7 +102,7 @@ def cmd_generate(args) -> None:
     prefill_seconds = time.perf_counter() - prefill_start
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     decode_start = time.perf_counter()
-    new_tokens = len(answer(model, ids, cache, args.max_new_tokens, _pad_id(tokenizer), streamer))
+    new_tokens = len(answer(model, ids, cache, args.max_new_tokens, pad_id(tokenizer), streamer))
     decode_seconds = time.perf_counter() - decode_start
     print(f"[selfextend] prefill {n} tokens in {prefill_seconds:.1f}s ({n / max(prefill_seconds, 1e-9):.0f} tok/s); "
           f"{new_tokens} new tokens in {decode_seconds:.1f}s", file=sys.stderr)
@@ -204,6 +200,14 @@ def cmd_eval(args) -> None:
           file=sys.stderr)
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that runs the model."""
+    parser.add_argument("--chunk-size", type=int, default=2048, help="prefill tokens per forward pass")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfextend", description="SelfExtend long-context inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,11 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--group-size", type=int)
     gen.add_argument("--window", type=int)
     gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--chunk-size", type=int, default=2048, help="prefill tokens per forward pass")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(gen)
     gen.set_defaults(run=cmd_generate)
 
     ev = sub.add_parser("eval", help="score methods side by side on a long-context task; resumable")
@@ -237,10 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--digits", type=int, help="digits of the key or magic number (passkey: 5, others: 7)")
     ev.add_argument("--bucket", type=int, help="perplexity: tokens per position bucket (default: training length/8)")
     ev.add_argument("--out", required=True, help="output folder; a rerun resumes from its results.jsonl")
-    ev.add_argument("--chunk-size", type=int, default=2048, help="prefill tokens per forward pass")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(ev)
     ev.set_defaults(run=cmd_eval)
 
     pl = sub.add_parser("plan", help="choose G and W for an input length")

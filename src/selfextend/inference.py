@@ -10,19 +10,23 @@ from transformers import DynamicCache, PreTrainedModel
 
 
 @torch.inference_mode()
-def prefill(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 2048, progress: bool = False,
-            label: str = "prefill") -> DynamicCache:
+def prefill(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 2048, progress: bool = False) -> DynamicCache:
     """The KV cache of all but the last token of `ids`, filled `chunk_size` tokens per forward pass."""
     if chunk_size < 1:
         raise ValueError(f"chunk size must be positive, got {chunk_size}")
     n = ids.shape[1]
     cache = DynamicCache(config=model.config)
-    with tqdm(total=n - 1, unit="tok", desc=label, file=sys.stderr, disable=not progress) as bar:
+    with tqdm(total=n - 1, unit="tok", desc="prefill", file=sys.stderr, disable=not progress) as bar:
         for start in range(0, n - 1, chunk_size):
             end = min(n - 1, start + chunk_size)
             model(ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=1)
             bar.update(end - start)
     return cache
+
+
+def pad_id(tokenizer) -> int | None:
+    """The id `generate` pads with: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.inference_mode()

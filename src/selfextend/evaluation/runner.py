@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..inference import answer, prefill
+from ..inference import answer, pad_id, prefill
 from ..integration import training_length
 from .methods import Method, applied
 from .perplexity import bucket_means, token_nll
@@ -109,26 +109,25 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ev: Eva
             if (ev.task, ev.model_name, m.spec, job[0], job[1], job[2]) not in done]
     count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     document = tokenizer(kjv_text(), return_tensors="pt").input_ids if ev.task == PERPLEXITY else None
+    if document is not None and document.shape[1] < max(ev.lengths):
+        raise ValueError(f"the bundled text has {document.shape[1]} tokens in this tokenizer, fewer than "
+                         f"{max(ev.lengths)}")
     bucket = ev.bucket or max(1, train_length // 8)
     device = model.device
     with open(out_dir / RESULTS, "a") as results, tqdm(
         total=sum(job[0] for job, _ in todo), unit="tok", desc=ev.task, file=sys.stderr, disable=not progress,
         dynamic_ncols=True,
     ) as bar:
-        prompts = {}
-        for (length, depth, seed), method in todo:
+        built = None  # (job, sample, ids): a prompt is built once and serves every method
+        for job, method in todo:
+            length, depth, seed = job
             if ev.task == PERPLEXITY:
-                if document.shape[1] < length:
-                    raise ValueError(f"the bundled text has {document.shape[1]} tokens in this tokenizer, "
-                                     f"fewer than {length}")
                 ids, sample = document[:, :length].to(device), None
             else:
-                if (length, depth, seed) not in prompts:
-                    prompts.clear()
+                if built is None or built[0] != job:
                     sample = TASKS[ev.task](count, length, depth, seed, **ev.options)
-                    prompts[(length, depth, seed)] = sample, tokenizer(sample.prompt, return_tensors="pt").input_ids
-                sample, ids = prompts[(length, depth, seed)]
-                ids = ids.to(device)
+                    built = job, sample, tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
+                _, sample, ids = built
             bar.set_postfix_str(f"{method.spec} @ {length}", refresh=True)
             row = _run_one(model, tokenizer, ev, method, train_length, ids, sample, bucket,
                            on_chunk=lambda n: bar.update(n * length / ids.shape[1]))
@@ -152,8 +151,7 @@ def _run_one(model, tokenizer, ev: Evaluation, method: Method, train_length: int
     with applied(model, method, train_length, n + sample.max_new_tokens) as params:
         cache = prefill(model, ids, ev.chunk_size)
         on_chunk(n)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        new = answer(model, ids, cache, sample.max_new_tokens, pad)
+        new = answer(model, ids, cache, sample.max_new_tokens, pad_id(tokenizer))
     got = tokenizer.decode(new, skip_special_tokens=True)
     return {"method": method.spec, "params": params, "tokens": n, "expected": list(sample.expected), "got": got,
             "correct": is_correct(sample.expected, got), "seconds": round(time.perf_counter() - started, 2)}

@@ -46,6 +46,14 @@ def is_correct(expected: tuple[str, ...], got: str) -> bool:
     return all(re.sub(r"\s+", "", item) in flat for item in expected)
 
 
+MAGIC_HEADER = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n\n"
+
+
+def _magic(word: str, value: str) -> str:
+    """RULER's needle sentence for a magic number."""
+    return f"One of the special magic numbers for {word} is: {value}."
+
+
 def _number(rng: random.Random, digits: int) -> str:
     return str(rng.randrange(10 ** (digits - 1), 10**digits))
 
@@ -78,9 +86,8 @@ def niah(count_tokens: CountTokens, n_tokens: int, depth: float, seed: int, digi
     word, value = rng.choice(WORDS), _number(rng, digits)
     question = (f"What is the special magic number for {word} mentioned in the provided text? "
                 f"The special magic number for {word} mentioned in the provided text is")
-    header = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n\n"
-    needle = f"One of the special magic numbers for {word} is: {value}."
-    context = _hide(count_tokens, n_tokens, header, [needle], [depth], question, kjv_text().replace("\n", " "))
+    needle = _magic(word, value)
+    context = _hide(count_tokens, n_tokens, MAGIC_HEADER, [needle], [depth], question, kjv_text().replace("\n", " "))
     return Sample("niah", context, question, (value,), digits + 8)
 
 
@@ -88,12 +95,11 @@ def multikey(count_tokens: CountTokens, n_tokens: int, depth: float, seed: int, 
     rng = random.Random(f"multikey:{seed}")
     words = rng.sample(WORDS, 4)
     values = [_number(rng, digits) for _ in words]
-    needles = [f"One of the special magic numbers for {w} is: {v}." for w, v in zip(words, values)]
+    needles = [_magic(w, v) for w, v in zip(words, values)]
     depths = [depth] + [rng.random() for _ in words[1:]]
     question = (f"What is the special magic number for {words[0]} mentioned in the provided text? "
                 f"The special magic number for {words[0]} mentioned in the provided text is")
-    header = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n\n"
-    context = _hide(count_tokens, n_tokens, header, needles, depths, question, FILLER * 100)
+    context = _hide(count_tokens, n_tokens, MAGIC_HEADER, needles, depths, question, FILLER * 100)
     return Sample("multikey", context, question, (values[0],), digits + 8)
 
 
@@ -101,12 +107,11 @@ def multivalue(count_tokens: CountTokens, n_tokens: int, depth: float, seed: int
     rng = random.Random(f"multivalue:{seed}")
     word = rng.choice(WORDS)
     values = [_number(rng, digits) for _ in range(4)]
-    needles = [f"One of the special magic numbers for {word} is: {v}." for v in values]
+    needles = [_magic(word, v) for v in values]
     depths = [depth] + [rng.random() for _ in values[1:]]
     question = (f"What are all the special magic numbers for {word} mentioned in the provided text? "
                 f"The special magic numbers for {word} mentioned in the provided text are")
-    header = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n\n"
-    context = _hide(count_tokens, n_tokens, header, needles, depths, question, FILLER * 100)
+    context = _hide(count_tokens, n_tokens, MAGIC_HEADER, needles, depths, question, FILLER * 100)
     return Sample("multivalue", context, question, tuple(values), 4 * (digits + 4))
 
 
