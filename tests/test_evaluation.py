@@ -12,7 +12,7 @@ import transformers
 import selfextend
 from selfextend import cli
 from selfextend.evaluation import (PERPLEXITY, TASKS, Evaluation, Method, evaluate, format_table, is_correct,
-                                   load_rows, plot, summarize, write_csv)
+                                   load_rows, nll_by_position, plot, summarize, write_csv)
 from selfextend.evaluation.perplexity import bucket_means, token_nll
 from conftest import make_model
 
@@ -114,9 +114,20 @@ def test_perplexity_rows_and_report(model_dir, tmp_path):
     write_csv(summary, tmp_path / "summary.csv")
     assert (tmp_path / "summary.csv").read_text().count("\n") == 5
     assert "perplexity" in format_table(summary)
+    bands = nll_by_position(rows, per_band=4)
+    assert "perplexity at 200 tokens" in bands and "100-200" in bands and bands.count("linear") == 2
     pictures = plot(rows, tmp_path)
     assert [p.name for p in pictures] == ["perplexity_by_position.png"]
     assert pictures[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nll_by_position_weights_each_bucket_by_its_tokens():
+    row = {"task": PERPLEXITY, "method": "vanilla", "length": 11, "tokens": 11, "bucket": 3,
+           "nll_buckets": [1.0, 2.0, 3.0, 10.0]}  # 10 predicted tokens: buckets of 3, 3, 3 and 1
+    lines = nll_by_position([row], per_band=2).splitlines()
+    assert lines[0] == "perplexity at 11 tokens: mean NLL (nats) by position"
+    assert lines[1].split() == ["method", "0-6", "6-11"]
+    assert lines[2].split() == ["vanilla", "1.5000", f"{(3 * 3.0 + 10.0) / 4:.4f}"]
 
 
 def test_report_accuracy_and_heatmap(tmp_path):

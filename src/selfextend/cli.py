@@ -174,7 +174,8 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import Evaluation, Method, evaluate, format_table, plot, summarize, write_csv
+    from .evaluation import (PERPLEXITY, Evaluation, Method, evaluate, format_table, nll_by_position, plot,
+                             summarize, write_csv)
 
     try:
         methods = Method.parse_list(args.methods)
@@ -196,6 +197,8 @@ def cmd_eval(args) -> None:
     write_csv(summary, out / "summary.csv")
     pictures = plot(rows, out)
     print(format_table(summary))
+    if ev.task == PERPLEXITY:
+        print(nll_by_position([r for r in rows if r["task"] == ev.task]))
     print(f"[eval] {out / 'results.jsonl'}, {out / 'summary.csv'}, " + ", ".join(str(p) for p in pictures),
           file=sys.stderr)
 

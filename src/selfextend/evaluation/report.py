@@ -62,6 +62,39 @@ def format_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def nll_by_position(rows: list[dict], per_band: int = 4) -> str:
+    """Perplexity rows as methods down, position bands (`per_band` buckets each) across: mean NLL per band.
+
+    Where a method starts to lose the thread shows here, not in one mean over the whole document."""
+    lines = []
+    for length in sorted({r["length"] for r in rows if "nll_buckets" in r}):
+        members = [r for r in rows if r.get("nll_buckets") and r["length"] == length]
+        width = members[0]["bucket"] * per_band
+        bands = range(0, length - 1, width)
+        lines.append(f"perplexity at {length} tokens: mean NLL (nats) by position")
+        lines.append(f"{'method':<24}" + "".join(f"{_band(start, width, length):>14}" for start in bands))
+        for row in members:
+            lines.append(f"{row['method']:<24}" + "".join(f"{nll:>14.4f}" for nll in _band_means(row, per_band)))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _band(start: int, width: int, length: int) -> str:
+    end = min(start + width, length)
+    short = lambda n: f"{n // 1024}K" if n and n % 1024 == 0 else str(n)  # noqa: E731
+    return f"{short(start)}-{short(end)}"
+
+
+def _band_means(row: dict, per_band: int) -> list[float]:
+    """Token-weighted means over groups of `per_band` buckets (the last bucket may hold fewer tokens)."""
+    predicted, bucket, means = row["tokens"] - 1, row["bucket"], []
+    for first in range(0, len(row["nll_buckets"]), per_band):
+        group = range(first, min(first + per_band, len(row["nll_buckets"])))
+        weights = [min(bucket, predicted - i * bucket) for i in group]
+        means.append(sum(w * row["nll_buckets"][i] for w, i in zip(weights, group)) / sum(weights))
+    return means
+
+
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     """PNG plots: a length × depth heatmap per method, accuracy against length, NLL against position."""
     out_dir = Path(out_dir)
