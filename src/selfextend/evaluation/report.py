@@ -164,7 +164,8 @@ def _nll_plot(rows: list[dict], path: Path) -> Path:
             if row is None:
                 continue
             centres = [(i + 0.5) * row["bucket"] for i in range(len(row["nll_buckets"]))]
-            ax.plot(centres, row["nll_buckets"], marker=".", label=f"{method} ({_params(row)})")
+            params = _params(row)
+            ax.plot(centres, row["nll_buckets"], marker=".", label=f"{method} ({params})" if params else method)
         ax.set(title=f"{length} tokens", xlabel="position (tokens)")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("mean NLL (nats)")
