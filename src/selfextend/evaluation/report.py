@@ -66,9 +66,9 @@ def nll_by_position(rows: list[dict], per_band: int = 4) -> str:
     """Perplexity rows as methods down, position bands (`per_band` buckets each) across: mean NLL per band.
 
     Where a method starts to lose the thread shows here, not in one mean over the whole document."""
-    lines = []
-    for length in sorted({r["length"] for r in rows if "nll_buckets" in r}):
-        members = [r for r in rows if r.get("nll_buckets") and r["length"] == length]
+    lines, rows = [], [r for r in rows if r.get("nll_buckets")]
+    for length in sorted({r["length"] for r in rows}):
+        members = [r for r in rows if r["length"] == length]
         width = members[0]["bucket"] * per_band
         bands = range(0, length - 1, width)
         lines.append(f"perplexity at {length} tokens: mean NLL (nats) by position")
@@ -80,9 +80,12 @@ def nll_by_position(rows: list[dict], per_band: int = 4) -> str:
 
 
 def _band(start: int, width: int, length: int) -> str:
-    end = min(start + width, length)
-    short = lambda n: f"{n // 1024}K" if n and n % 1024 == 0 else str(n)  # noqa: E731
-    return f"{short(start)}-{short(end)}"
+    return f"{_tokens(start)}-{_tokens(min(start + width, length))}"
+
+
+def _tokens(n: int) -> str:
+    """A token count as written in tables and axes: 16K for whole multiples of 1024, else the number."""
+    return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
 
 
 def _band_means(row: dict, per_band: int) -> list[float]:
@@ -143,7 +146,7 @@ def _heatmaps(task: str, rows: list[dict], path: Path) -> Path:
                 if cell:
                     grid[i][j] = sum(cell) / len(cell)
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], rotation=45)
+        ax.set_xticks(range(len(lengths)), [_tokens(n) for n in lengths], rotation=45)
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_title(method, fontsize=9)
         ax.set_xlabel("length")
