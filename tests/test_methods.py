@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from selfextend.evaluation.methods import Method, applied
-from selfextend.planner import InputTooLongError
+from selfextend.planning import InputTooLongError
 from conftest import TRAIN_LENGTH, make_model
 
 
@@ -26,13 +26,14 @@ def test_parse_list_keeps_parameters_with_their_method():
 
 
 def test_parameters_fitted_to_length():
-    assert Method.parse("linear").parameters(64, 256) == {"factor": 4.0}
-    assert Method.parse("dynamic").parameters(64, 32) == {"factor": 1.0}
-    assert Method.parse("yarn:factor=8").parameters(64, 100) == {"factor": 8.0}
-    planned = Method.parse("selfextend").parameters(64, 256)
-    assert planned["G"] > 1 and planned["W"] % planned["G"] == 0
+    model = make_model("llama")  # training length 64
+    assert Method.parse("linear").parameters(model, 256) == {"factor": 4.0}
+    assert Method.parse("dynamic").parameters(model, 32) == {"factor": 1.0}
+    assert Method.parse("yarn:factor=8").parameters(model, 100) == {"factor": 8.0}
+    assert Method.parse("selfextend").parameters(model, 256) == {"G": 10, "W": 16}  # the planner's choice
+    assert Method.parse("selfextend").parameters(model, 256, effective_length=32) == {"G": 20, "W": 8}
     with pytest.raises(InputTooLongError):
-        Method.parse("selfextend").parameters(64, 10**7)
+        Method.parse("selfextend").parameters(model, 10**7)
 
 
 def _native(model, rope: dict):
@@ -59,7 +60,7 @@ def test_rope_scaling_equals_transformers_model(family, rope_type):
     before = model(ids).logits
     native = _native(model, {"rope_type": rope_type, "factor": 3.0,
                              "original_max_position_embeddings": TRAIN_LENGTH})
-    with applied(model, Method.parse(f"{rope_type}:factor=3"), TRAIN_LENGTH, n) as params:
+    with applied(model, Method.parse(f"{rope_type}:factor=3"), n) as params:
         ours = model(ids).logits
     assert params == {"factor": 3.0}
     torch.testing.assert_close(ours, native(ids).logits, atol=1e-5, rtol=1e-5)
@@ -72,7 +73,7 @@ def test_dynamic_is_frozen_across_chunks():
     model = make_model("llama")
     n = 3 * TRAIN_LENGTH
     ids = torch.randint(0, 97, (1, n))
-    with applied(model, Method.parse("dynamic"), TRAIN_LENGTH, n):
+    with applied(model, Method.parse("dynamic"), n):
         whole = model(ids).logits[:, -1]
         cache = transformers.DynamicCache(config=model.config)
         for start in range(0, n, 40):
@@ -84,7 +85,7 @@ def test_selfextend_applied_and_removed():
     model = make_model("llama")
     ids = torch.randint(0, 97, (1, 4 * TRAIN_LENGTH))
     before = model(ids).logits
-    with applied(model, Method.parse("selfextend:G=4,W=16"), TRAIN_LENGTH, ids.shape[1]) as params:
+    with applied(model, Method.parse("selfextend:G=4,W=16"), ids.shape[1]) as params:
         extended = model(ids).logits
     assert params == {"G": 4, "W": 16}
     assert not torch.allclose(extended, before, atol=1e-3)

@@ -2,10 +2,10 @@
 
 from .config import SelfExtendConfig
 from .integration import apply, remove, settings, training_length
-from .planner import InputTooLongError, Plan, plan
+from .planning import InputTooLongError, Plan, Profile, find_profile, plan, plan_for
 from .positions import extended_limit
 from .rotary import UnsupportedModelError
 
-__all__ = ["InputTooLongError", "Plan", "SelfExtendConfig", "UnsupportedModelError", "apply", "extended_limit",
-           "plan", "remove", "settings", "training_length"]
+__all__ = ["InputTooLongError", "Plan", "Profile", "SelfExtendConfig", "UnsupportedModelError", "apply", "extended_limit",
+           "find_profile", "plan", "plan_for", "remove", "settings", "training_length"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Command line: `selfextend generate | eval | plan | info`."""
+"""Command line: `selfextend generate | eval | calibrate | plan | info`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from . import models
-from .planner import InputTooLongError, plan
-from .integration import apply, settings, training_length
+from .config import training_length
+from .integration import apply, settings
+from .planning import InputTooLongError, Plan, find_profile, plan_for
 from .rotary import UnsupportedModelError, rope_parameters_of
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -40,17 +41,17 @@ def _source(args) -> models.ModelSource:
         raise CommandError(str(error)) from error
 
 
-def _document(args, tokenizer) -> tuple[str, str]:
-    """The document text and the question, from --input or a generated passkey sample."""
+def _document(args, tokenizer) -> tuple[str, str, str | None]:
+    """The document text, the question and (for a generated passkey sample) the key to find."""
     if args.input is not None:
-        return _read_input(args.input), args.prompt or ""
+        return _read_input(args.input), args.prompt or "", None
     from .samples import passkey_sample
 
     sample = passkey_sample(lambda text: len(tokenizer(text, add_special_tokens=False).input_ids),
                             args.sample_tokens, depth=args.sample_depth)
     print(f"[sample] passkey document of ~{args.sample_tokens} tokens; the key is {sample.answer}",
           file=sys.stderr)
-    return sample.text, args.prompt or sample.question
+    return sample.text, args.prompt or sample.question, sample.answer
 
 
 def _prompt_ids(tokenizer, text: str, question: str, chat: bool):
@@ -62,15 +63,22 @@ def _prompt_ids(tokenizer, text: str, question: str, chat: bool):
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
-def _settings(args, train_length: int, length: int) -> tuple[int, int, str]:
+def _plan(model_or_config, length: int, effective_length: int | None) -> Plan:
+    """The planner's choice for `length` tokens, its errors as the user's."""
+    try:
+        return plan_for(model_or_config, length, effective_length)
+    except (InputTooLongError, ValueError, TypeError) as error:
+        raise CommandError(str(error)) from error
+
+
+def _settings(args, model, length: int) -> tuple[int, int, str]:
     if (args.group_size is None) != (args.window is None):
         raise CommandError("give both --group-size and --window, or neither to have them planned")
     if args.group_size is not None:
+        if args.effective_length is not None:
+            raise CommandError("--effective-length plans G and W: give it or --group-size/--window, not both")
         return args.group_size, args.window, "given"
-    try:
-        chosen = plan(train_length, length)
-    except InputTooLongError as error:
-        raise CommandError(str(error)) from error
+    chosen = _plan(model, length, args.effective_length)
     return chosen.group_size, chosen.window_size, chosen.reason
 
 
@@ -83,13 +91,13 @@ def cmd_generate(args) -> None:
         raise CommandError("give --input FILE (or - for stdin), or --sample-tokens N for a generated passkey document")
     source = _source(args)
     tokenizer = models.load_tokenizer(source)
-    text, question = _document(args, tokenizer)
+    text, question, key = _document(args, tokenizer)
     started = time.perf_counter()
     model = models.load_model(source, device=args.device, dtype=args.dtype)
     ids = _prompt_ids(tokenizer, text, question, args.chat).to(args.device)
     n = ids.shape[1]
     train_length = training_length(model)
-    group, window, why = _settings(args, train_length, n + args.max_new_tokens)
+    group, window, why = _settings(args, model, n + args.max_new_tokens)
     try:
         apply(model, group, window)
     except (UnsupportedModelError, ValueError, TypeError) as error:
@@ -102,30 +110,34 @@ def cmd_generate(args) -> None:
     prefill_seconds = time.perf_counter() - prefill_start
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     decode_start = time.perf_counter()
-    new_tokens = len(answer(model, ids, cache, args.max_new_tokens, pad_id(tokenizer), streamer))
+    new = answer(model, ids, cache, args.max_new_tokens, pad_id(tokenizer), streamer)
     decode_seconds = time.perf_counter() - decode_start
     print(f"[selfextend] prefill {n} tokens in {prefill_seconds:.1f}s ({n / max(prefill_seconds, 1e-9):.0f} tok/s); "
-          f"{new_tokens} new tokens in {decode_seconds:.1f}s", file=sys.stderr)
+          f"{len(new)} new tokens in {decode_seconds:.1f}s", file=sys.stderr)
+    if key is not None:
+        from .evaluation.tasks import is_correct
+
+        found = is_correct((key,), tokenizer.decode(new, skip_special_tokens=True))
+        print(f"[sample] the answer {'contains' if found else 'does NOT contain'} the key {key}", file=sys.stderr)
 
 
 def cmd_plan(args) -> None:
     source = _source(args)
-    config = models.load_config(source)
-    train_length = training_length(config)
     if args.length is None:
         if args.input is None:
             raise CommandError("give --length N or --input FILE")
         tokenizer = models.load_tokenizer(source)
         args.length = len(tokenizer(_read_input(args.input)).input_ids)
-    try:
-        chosen = plan(train_length, args.length)
-    except InputTooLongError as error:
-        raise CommandError(str(error)) from error
+    # the model's weights identify its measured profile; a given E needs only the config
+    model = models.load_model(source) if args.effective_length is None else models.load_config(source)
+    chosen = _plan(model, args.length, args.effective_length)
     if args.json:
         print(json.dumps(chosen.as_dict()))
         return
-    rows = [("training length L", chosen.train_length), ("target length N", chosen.target_length),
-            ("group size G", chosen.group_size), ("window W", chosen.window_size),
+    effective = chosen.effective_length or "not known"
+    rows = [("training length L", chosen.train_length), ("effective length E", effective),
+            ("target length N", chosen.target_length), ("group size G", chosen.group_size),
+            ("window W", chosen.window_size),
             ("extended limit (L-W)·G+W", chosen.max_length), ("largest position W+(N-W)/G", chosen.largest_position)]
     for label, value in rows:
         print(f"{label:<28} {value:>10}")
@@ -148,13 +160,58 @@ def model_info(config) -> dict:
             "sliding_window": getattr(text, "sliding_window", None)}
 
 
+def _profile_info(model) -> dict | None:
+    profile = find_profile(model)
+    if profile is None:
+        return None
+    return {"effective_length": profile.effective_length, "threshold": profile.threshold,
+            "accuracy": {n: f"{a['correct']}/{a['total']}" for n, a in sorted(profile.accuracy.items())},
+            "measured": profile.created, "file": str(profile.path)}
+
+
 def cmd_info(args) -> None:
-    info = model_info(models.load_config(_source(args)))
+    model = models.load_model(_source(args))
+    info = {**model_info(model.config), "profile": _profile_info(model)}
     if args.json:
         print(json.dumps(info))
         return
+    profile = info.pop("profile")
     for key, value in info.items():
         print(f"{key:<16} {value}")
+    if profile is None:
+        print(f"{'profile':<16} none: planned against the training length (`selfextend calibrate` measures E)")
+        return
+    print(f"{'effective_length':<16} {profile['effective_length']} (accuracy >= {profile['threshold']}; "
+          f"measured {profile['measured']}, {profile['file']})")
+    print(f"{'probed':<16} " + ", ".join(f"{n}: {a}" for n, a in profile["accuracy"].items()))
+
+
+def cmd_calibrate(args) -> None:
+    from .planning.calibration import CalibrationError, Probes, calibrate
+    from .planning import save_profile
+
+    try:
+        probes = Probes(tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+                        tuple(_floats(args.depths, "--depths")), args.threshold, args.chunk_size)
+    except CalibrationError as error:
+        raise CommandError(str(error)) from error
+    if args.budget is not None and args.budget <= 0:
+        raise CommandError(f"--budget must be a positive number of minutes, got {args.budget}")
+    source = _source(args)
+    tokenizer = models.load_tokenizer(source)
+    model = models.load_model(source, device=args.device, dtype=args.dtype)
+    try:
+        profile = calibrate(model, tokenizer, args.model or models.DEFAULT_MODEL, probes, start=args.start,
+                            resolution=args.resolution, budget_minutes=args.budget, progress=not args.quiet)
+    except CalibrationError as error:
+        raise CommandError(str(error)) from error
+    path = save_profile(profile, args.out)
+    for length, result in sorted(profile.accuracy.items()):
+        print(f"{length:>8} tokens  {result['correct']}/{result['total']}  {'pass' if result['passed'] else 'fail'}")
+    budget = " (stopped by --budget: E may be longer)" if profile.stopped_by_budget else ""
+    print(f"effective length E = {profile.effective_length} of training length {profile.train_length}{budget}; "
+          f"{profile.seconds / 60:.1f} min")
+    print(f"[calibrate] profile written to {path}", file=sys.stderr)
 
 
 def _lengths(text: str) -> list[int]:
@@ -182,7 +239,8 @@ def cmd_eval(args) -> None:
         options = {"digits": args.digits} if args.digits is not None else {}
         ev = Evaluation(args.task, _lengths(args.lengths), methods, args.model or models.DEFAULT_MODEL,
                         depths=_floats(args.depths, "--depths"), samples=args.samples, seed=args.seed,
-                        chunk_size=args.chunk_size, bucket=args.bucket, options=options)
+                        chunk_size=args.chunk_size, bucket=args.bucket, options=options,
+                        effective_length=args.effective_length)
     except ValueError as error:
         raise CommandError(str(error)) from error
     source = _source(args)
@@ -211,6 +269,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_effective_length(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--effective-length", type=int, metavar="E",
+                        help="plan G and W against this length instead of the model's measured profile")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfextend", description="SelfExtend long-context inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help=model_help)
     gen.add_argument("--group-size", type=int)
     gen.add_argument("--window", type=int)
+    _add_effective_length(gen)
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_run_options(gen)
@@ -241,13 +305,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--digits", type=int, help="digits of the key or magic number (passkey: 5, others: 7)")
     ev.add_argument("--bucket", type=int, help="perplexity: tokens per position bucket (default: training length/8)")
     ev.add_argument("--out", required=True, help="output folder; a rerun resumes from its results.jsonl")
+    _add_effective_length(ev)
     _add_run_options(ev)
     ev.set_defaults(run=cmd_eval)
+
+    cal = sub.add_parser("calibrate", help="measure the model's effective length E and save it as its profile")
+    cal.add_argument("--model", help=model_help)
+    cal.add_argument("--threshold", type=float, default=0.9, help="accuracy a length needs to pass (default 0.9)")
+    cal.add_argument("--tasks", default="passkey,niah", help="probe tasks (default passkey,niah)")
+    cal.add_argument("--depths", default="0.25,0.5,0.75", help="needle depths, a different key at each")
+    cal.add_argument("--start", type=int, help="first length probed (default: training length / 8)")
+    cal.add_argument("--resolution", type=int, help="stop bisecting at this gap (default: training length / 16)")
+    cal.add_argument("--budget", type=float, help="stop after this many minutes (E is then a lower bound)")
+    cal.add_argument("--out", help="profile file (default: $SELFEXTEND_HOME/profiles/<model identity>.json)")
+    _add_run_options(cal)
+    cal.set_defaults(run=cmd_calibrate)
 
     pl = sub.add_parser("plan", help="choose G and W for an input length")
     pl.add_argument("--model", help=model_help)
     pl.add_argument("--length", type=int, help="target length in tokens")
     pl.add_argument("--input", help="measure the length of this file (- for stdin) instead")
+    _add_effective_length(pl)
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(run=cmd_plan)
 

@@ -36,3 +36,9 @@ def answer(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, max_n
     out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
                          max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad_token_id)
     return out[0, ids.shape[1]:]
+
+
+def respond(model: PreTrainedModel, tokenizer, ids: torch.Tensor, max_new_tokens: int, chunk_size: int = 2048) -> str:
+    """The greedy answer to prompt `ids` (row 0), read in chunks: the loop behind eval and calibrate."""
+    cache = prefill(model, ids, chunk_size)
+    return tokenizer.decode(answer(model, ids, cache, max_new_tokens, pad_id(tokenizer)), skip_special_tokens=True)

@@ -16,8 +16,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import KVLayout, layout_mask, resolve_backend, resolve_geometry
-from .config import SelfExtendConfig
-from .planner import InputTooLongError, plan
+from .config import SelfExtendConfig, training_length
+from .planning import InputTooLongError, plan, plan_for
 from .rotary import GroupedRotation, UnsupportedModelError, find_rope
 
 ATTENTION_NAME = "selfextend"
@@ -66,7 +66,7 @@ def _warn_if_too_long(state: _State, geometry) -> None:
     if length > state.config.max_length:
         state.warned_long = True
         try:
-            chosen = plan(state.config.train_length, length)
+            chosen = plan(state.config.train_length, length, state.config.effective_length)
             suggestion = f"Try group_size={chosen.group_size}, window_size={chosen.window_size}."
         except InputTooLongError as error:
             suggestion = str(error)
@@ -83,27 +83,19 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, layout_mask)
 
 
-def training_length(model_or_config) -> int:
-    """The context length a model (or its config) was trained on: max_position_embeddings of the text config."""
-    config = getattr(model_or_config, "config", model_or_config)
-    length = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if not isinstance(length, int) or length < 1:
-        raise UnsupportedModelError("the model config has no max_position_embeddings to extend")
-    return length
-
-
 def _attention_modules(model: nn.Module):
     return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config")]
 
 
 def apply(
     model: nn.Module, group_size: int | None = None, window_size: int | None = None, *, backend: str = "auto",
-    input_length: int | None = None,
+    input_length: int | None = None, effective_length: int | None = None,
 ) -> nn.Module:
     """Switch `model` (in place) to SelfExtend attention and return it.
 
-    Give group_size and window_size, or neither and input_length to have them planned. Applying again
-    replaces the settings. Sliding-window layers keep their window and RoPE.
+    Give group_size and window_size, or neither and input_length to have them planned (against
+    `effective_length` if given, else the model's measured profile, else its training length). Applying
+    again replaces the settings. Sliding-window layers keep their window and RoPE.
     """
     text_config = model.config.get_text_config()
     rope = find_rope(model, text_config)
@@ -111,11 +103,11 @@ def apply(
     if group_size is None and window_size is None:
         if input_length is None:
             raise ValueError("give group_size and window_size, or input_length to plan them")
-        chosen = plan(train_length, input_length)
-        group_size, window_size = chosen.group_size, chosen.window_size
+        chosen = plan_for(model, input_length, effective_length)
+        group_size, window_size, effective_length = chosen.group_size, chosen.window_size, chosen.effective_length
     elif group_size is None or window_size is None:
         raise ValueError("give both group_size and window_size, or neither (with input_length)")
-    config = SelfExtendConfig(group_size, window_size, train_length, backend)
+    config = SelfExtendConfig(group_size, window_size, train_length, backend, effective_length)
     resolve_backend(backend, next(model.parameters()).device)  # fails early on an unknown name
     _register()
     state = _State(config, GroupedRotation(group_size, window_size, rope))

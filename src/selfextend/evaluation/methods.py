@@ -18,7 +18,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..integration import apply, remove
-from ..planner import plan
+from ..config import training_length
+from ..planning import plan_for
 from ..rotary import find_rope, rope_parameters_of
 
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
@@ -66,22 +67,24 @@ class Method:
     def spec(self) -> str:
         return self.name + (":" + ",".join(f"{k}={v}" for k, v in self.fixed.items()) if self.fixed else "")
 
-    def parameters(self, train_length: int, length: int) -> dict:
-        """The parameters used at `length` tokens: the fixed ones, the others fitted."""
+    def parameters(self, model: PreTrainedModel, length: int, effective_length: int | None = None) -> dict:
+        """The parameters used at `length` tokens: the fixed ones, the others fitted (SelfExtend's by the
+        planner, against `effective_length` or the model's measured profile)."""
         if self.name == "selfextend":
             if self.fixed:
                 return dict(self.fixed)
-            chosen = plan(train_length, length)
+            chosen = plan_for(model, length, effective_length)
             return {"G": chosen.group_size, "W": chosen.window_size}
         if self.name in ROPE_SCALINGS:
-            return {"factor": self.fixed.get("factor", round(max(1.0, length / train_length), 4))}
+            return {"factor": self.fixed.get("factor", round(max(1.0, length / training_length(model)), 4))}
         return {}
 
 
 @contextlib.contextmanager
-def applied(model: PreTrainedModel, method: Method, train_length: int, length: int) -> Iterator[dict]:
+def applied(model: PreTrainedModel, method: Method, length: int,
+            effective_length: int | None = None) -> Iterator[dict]:
     """`model` running `method` for inputs of `length` tokens, restored on exit; yields the parameters."""
-    params = method.parameters(train_length, length)
+    params = method.parameters(model, length, effective_length)
     if method.name == "selfextend":
         apply(model, params["G"], params["W"])
         try:
@@ -89,7 +92,7 @@ def applied(model: PreTrainedModel, method: Method, train_length: int, length: i
         finally:
             remove(model)
     elif method.name in ROPE_SCALINGS:
-        with _rescaled_rope(model, method.name, params["factor"], train_length, length):
+        with _rescaled_rope(model, method.name, params["factor"], training_length(model), length):
             yield params
     else:
         yield params

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..inference import answer, pad_id, prefill
-from ..integration import training_length
+from ..config import training_length
+from ..inference import respond
 from .methods import Method, applied
 from .perplexity import bucket_means, token_nll
 from .tasks import TASKS, is_correct
@@ -43,6 +43,7 @@ class Evaluation:
     chunk_size: int = 2048
     bucket: int | None = None  # perplexity: tokens per position bucket (default: training length / 8)
     options: dict = field(default_factory=dict)  # passed to the task generator, e.g. digits=10
+    effective_length: int | None = None  # planned SelfExtend plans against this E (default: the model's profile)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS and self.task != PERPLEXITY:
@@ -102,7 +103,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ev: Eva
     train_length = training_length(model)
     for length in ev.lengths:  # a length no method can handle fails now, not an hour in
         for method in ev.methods:
-            method.parameters(train_length, length)
+            method.parameters(model, length, ev.effective_length)
     _drop_cut_line(out_dir / RESULTS)
     done = {_key(row) for row in load_rows(out_dir)}
     todo = [(job, m) for job in _jobs(ev) for m in ev.methods
@@ -129,7 +130,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ev: Eva
                     built = job, sample, tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
                 _, sample, ids = built
             bar.set_postfix_str(f"{method.spec} @ {length}", refresh=True)
-            row = _run_one(model, tokenizer, ev, method, train_length, ids, sample, bucket,
+            row = _run_one(model, tokenizer, ev, method, ids, sample, bucket,
                            on_chunk=lambda n: bar.update(n * length / ids.shape[1]))
             row.update(task=ev.task, model=ev.model_name, length=length, depth=depth, seed=seed)
             results.write(json.dumps(row) + "\n")
@@ -137,21 +138,19 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ev: Eva
     return load_rows(out_dir)
 
 
-def _run_one(model, tokenizer, ev: Evaluation, method: Method, train_length: int, ids: torch.Tensor, sample,
-             bucket: int, on_chunk) -> dict:
+def _run_one(model, tokenizer, ev: Evaluation, method: Method, ids: torch.Tensor, sample, bucket: int,
+             on_chunk) -> dict:
     started = time.perf_counter()
     n = ids.shape[1]
     if sample is None:
-        with applied(model, method, train_length, n) as params:
+        with applied(model, method, n, ev.effective_length) as params:
             nll = token_nll(model, ids, min(ev.chunk_size, 1024), on_chunk=on_chunk)
         mean = nll.mean().item()
         return {"method": method.spec, "params": params, "tokens": n, "nll": round(mean, 5),
                 "ppl": round(math.exp(mean), 4), "bucket": bucket, "nll_buckets": bucket_means(nll, bucket),
                 "seconds": round(time.perf_counter() - started, 2)}
-    with applied(model, method, train_length, n + sample.max_new_tokens) as params:
-        cache = prefill(model, ids, ev.chunk_size)
+    with applied(model, method, n + sample.max_new_tokens, ev.effective_length) as params:
+        got = respond(model, tokenizer, ids, sample.max_new_tokens, ev.chunk_size)
         on_chunk(n)
-        new = answer(model, ids, cache, sample.max_new_tokens, pad_id(tokenizer))
-    got = tokenizer.decode(new, skip_special_tokens=True)
     return {"method": method.spec, "params": params, "tokens": n, "expected": list(sample.expected), "got": got,
             "correct": is_correct(sample.expected, got), "seconds": round(time.perf_counter() - started, 2)}
