@@ -1,8 +1,10 @@
 """Plugging SelfExtend into a `transformers` model through its attention and mask registries.
 
-`apply` registers one attention function and one mask function under the name "selfextend" and
-switches the model to it with `set_attn_implementation`; settings live on the model's attention
-modules, so several models can carry different settings at once.
+Importing selfextend registers one attention function and one mask function under the name
+"selfextend"; `apply` switches the model to it with `set_attn_implementation`. Settings live on the
+model's attention modules, so several models can carry different settings at once, and in the
+model's config (`config.selfextend`), so `save_pretrained` keeps them and a bare `apply(model)` on the
+reloaded model restores them.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .attention import KVLayout, layout_mask, resolve_backend, resolve_geometry
+from .attention import KVLayout, layout_mask, resolve_backend, resolve_geometry, sequence_starts, split_sequences
 from .config import SelfExtendConfig, training_length
 from .planning import InputTooLongError, plan, plan_for
 from .rotary import GroupedRotation, UnsupportedModelError, find_rope
 
 ATTENTION_NAME = "selfextend"
 _STATE = "selfextend_state"
+CONFIG_KEY = "selfextend"  # the settings as saved in config.json
 _PREVIOUS = "_selfextend_previous_attn_implementation"
 
 
@@ -41,7 +44,10 @@ def _attention_forward(
     """The attention function `transformers` calls for every layer once SelfExtend is applied."""
     state: _State | None = getattr(module, _STATE, None)
     if state is None:
-        raise RuntimeError("this module was not prepared by selfextend.apply(); call apply() on the whole model")
+        saved = getattr(module.config, CONFIG_KEY, None)
+        hint = (f"selfextend.apply(model) restores the saved settings {saved}" if saved else
+                "call selfextend.apply(model, group_size=G, window_size=W) or apply(model, input_length=N)")
+        raise RuntimeError(f"attn_implementation='selfextend' needs SelfExtend applied to the loaded model: {hint}")
     if softcap is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by SelfExtend attention")
     if dropout and module.training:
@@ -49,14 +55,31 @@ def _attention_forward(
     if attention_mask is not None and not isinstance(attention_mask, KVLayout):
         raise ValueError("SelfExtend needs the 2D padding mask, not a prepared 4D attention mask")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    geometry = resolve_geometry(attention_mask, position_ids, query.shape[0], query.shape[2], key.shape[2],
-                                query.device)
     backend = resolve_backend(state.config.backend, query.device)
     window = sliding_window or (attention_mask.local_window if attention_mask is not None else None)
-    if window is not None:
-        return backend.local(query, key, value, geometry, window, scale), None
-    _warn_if_too_long(state, geometry)
-    return backend.selfextend(query, key, value, geometry, state.rotation, scale), None
+
+    def attend(q, k, v, geometry):
+        if window is not None:
+            return backend.local(q, k, v, geometry, window, scale)
+        _warn_if_too_long(state, geometry)
+        return backend.selfextend(q, k, v, geometry, state.rotation, scale)
+
+    b, n, m = query.shape[0], query.shape[2], key.shape[2]
+    layout = attention_mask or KVLayout(q_offset=m - n, kv_offset=0)
+    starts = sequence_starts(layout, position_ids, b, n, m, query.device, kwargs.get("cu_seq_lens_q"))
+    runs = split_sequences(starts)
+    if runs is None:
+        return attend(query, key, value, resolve_geometry(layout, None, b, n, m, query.device, starts)), None
+    out = query.new_empty(b, n, query.shape[1], query.shape[3])
+    for row, t0, t1 in runs:  # packed: each sequence on its own, over its own keys only
+        start = starts[row:row + 1, t0:t1]
+        k0, k1 = max(int(start[0, 0]), layout.kv_offset) - layout.kv_offset, layout.q_offset + t1 - layout.kv_offset
+        valid = None if layout.valid is None else layout.valid[row:row + 1, k0:k1]
+        part = KVLayout(layout.q_offset + t0, layout.kv_offset + k0, valid, layout.local_window)
+        geometry = resolve_geometry(part, None, 1, t1 - t0, k1 - k0, query.device, start)
+        r = slice(row, row + 1)
+        out[r, t0:t1] = attend(query[r, :, t0:t1], key[r, :, k0:k1], value[r, :, k0:k1], geometry)
+    return out, None
 
 
 def _warn_if_too_long(state: _State, geometry) -> None:
@@ -78,9 +101,8 @@ def _warn_if_too_long(state: _State, geometry) -> None:
         )
 
 
-def _register() -> None:
-    AttentionInterface.register(ATTENTION_NAME, _attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, layout_mask)
+AttentionInterface.register(ATTENTION_NAME, _attention_forward)
+AttentionMaskInterface.register(ATTENTION_NAME, layout_mask)
 
 
 def _attention_modules(model: nn.Module):
@@ -94,13 +116,18 @@ def apply(
     """Switch `model` (in place) to SelfExtend attention and return it.
 
     Give group_size and window_size, or neither and input_length to have them planned (against
-    `effective_length` if given, else the model's measured profile, else its training length). Applying
-    again replaces the settings. Sliding-window layers keep their window and RoPE.
+    `effective_length` if given, else the model's measured profile, else its training length), or
+    nothing to restore the settings saved in the model's config. Applying again replaces the settings.
+    Sliding-window layers keep their window and RoPE.
     """
     text_config = model.config.get_text_config()
     rope = find_rope(model, text_config)
     train_length = training_length(model)
-    if group_size is None and window_size is None:
+    saved = getattr(model.config, CONFIG_KEY, None)
+    if group_size is None and window_size is None and input_length is None and isinstance(saved, dict):
+        group_size, window_size = saved["group_size"], saved["window_size"]
+        effective_length = saved.get("effective_length")
+    elif group_size is None and window_size is None:
         if input_length is None:
             raise ValueError("give group_size and window_size, or input_length to plan them")
         chosen = plan_for(model, input_length, effective_length)
@@ -109,21 +136,23 @@ def apply(
         raise ValueError("give both group_size and window_size, or neither (with input_length)")
     config = SelfExtendConfig(group_size, window_size, train_length, backend, effective_length)
     resolve_backend(backend, next(model.parameters()).device)  # fails early on an unknown name
-    _register()
     state = _State(config, GroupedRotation(group_size, window_size, rope))
     modules = _attention_modules(model)
     if not modules:
         raise UnsupportedModelError(f"{type(model).__name__} has no attention layers that SelfExtend recognises")
     for module in modules:
         setattr(module, _STATE, state)
-    if not hasattr(model, _PREVIOUS):
-        setattr(model, _PREVIOUS, model.config._attn_implementation)
+    if not hasattr(model, _PREVIOUS):  # loaded with attn_implementation="selfextend": remove() goes to SDPA
+        previous = model.config._attn_implementation
+        setattr(model, _PREVIOUS, "sdpa" if previous == ATTENTION_NAME else previous)
     model.set_attn_implementation(ATTENTION_NAME)
     if model.config._attn_implementation != ATTENTION_NAME:
         remove(model)
         raise UnsupportedModelError(
             f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface"
         )
+    setattr(model.config, CONFIG_KEY, {"group_size": group_size, "window_size": window_size,
+                                       "effective_length": effective_length})
     return model
 
 
@@ -133,6 +162,8 @@ def remove(model: nn.Module) -> nn.Module:
         return model
     model.set_attn_implementation(getattr(model, _PREVIOUS))
     delattr(model, _PREVIOUS)
+    if hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
     for module in _attention_modules(model):
         if hasattr(module, _STATE):
             delattr(module, _STATE)

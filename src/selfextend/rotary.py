@@ -30,8 +30,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """Rotate each (x[k], x[k + d/2]) pair of x [batch, heads, n, d] by the angles in cos/sin [batch, 1, n, d/2]."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if x.requires_grad and torch.is_grad_enabled():  # out= has no autograd: the plain form for training
+    cos, sin = cos.to(device=x.device, dtype=x.dtype), sin.to(device=x.device, dtype=x.dtype)
+    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        # out= has no autograd, and breaks compiled graphs: the plain form for training and compile
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     out = torch.empty_like(x)
     torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
@@ -53,13 +54,14 @@ def _rotate_half_reference(x: torch.Tensor) -> torch.Tensor:
 class GroupedRotation:
     """Moves queries and keys from their own RoPE positions to SelfExtend's grouped ones.
 
-    The shift depends only on the position, so cos/sin tables by position are built once per model
-    (and rebuilt if the device or the inverse frequencies change) instead of at every layer and step.
+    The shift depends only on the position, so cos/sin tables by position are built once per model and
+    device (layers split over devices each get their device's tables, rebuilt if the inverse
+    frequencies change) instead of at every layer and step.
     """
 
     def __init__(self, group_size: int, window_size: int, rope: "RopeSource") -> None:
         self.group_size, self.window_size, self.rope = group_size, window_size, rope
-        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._inv_freq: torch.Tensor | None = None
 
     @property
@@ -71,17 +73,16 @@ class GroupedRotation:
             return grouped_query_position(positions, self.group_size, self.window_size) - positions
         return grouped_key_position(positions, self.group_size) - positions
 
-    def _table(self, kind: str, size: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._inv_freq is None or self._inv_freq.device != inv_freq.device or not torch.equal(
-            self._inv_freq, inv_freq
-        ):
+    def _table(self, kind: str, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self._inv_freq is None or not torch.equal(self._inv_freq, inv_freq.to(self._inv_freq.device)):
             self._tables, self._inv_freq = {}, inv_freq.clone()
-        cos, sin = self._tables.get(kind, (inv_freq.new_empty(0, 1), None))
+        cos, sin = self._tables.get((kind, device), (inv_freq.new_empty(0, 1), None))
         if cos.shape[0] < size:
             size = max(size, 2 * cos.shape[0], 4096)
-            positions = torch.arange(size, device=inv_freq.device)
-            cos, sin = rotation_tables(self._shift(kind, positions), inv_freq)
-            self._tables[kind] = (cos, sin)
+            positions = torch.arange(size, device=device)
+            cos, sin = rotation_tables(self._shift(kind, positions), inv_freq.to(device))
+            self._tables[(kind, device)] = (cos, sin)
         return cos, sin
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str) -> torch.Tensor:
@@ -90,11 +91,11 @@ class GroupedRotation:
         n = positions.shape[1]
         if positions.shape[0] == 1 and int(first[0]) >= 0:  # one row: a view into the table
             start = int(first[0])
-            cos, sin = self._table(kind, start + n, self.inv_freq)
+            cos, sin = self._table(kind, start + n, x.device)
             cos, sin = cos[start:start + n][None], sin[start:start + n][None]
         else:  # padded positions (< 0) are masked later: any angle will do
-            index = positions.clamp_min(0)
-            cos, sin = self._table(kind, int(index.max()) + 1, self.inv_freq)
+            index = positions.clamp_min(0).to(x.device)
+            cos, sin = self._table(kind, int(index.max()) + 1, x.device)
             cos, sin = cos[index], sin[index]
         return rotate(x, cos[:, None], sin[:, None])
 

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from . import blockwise, reference
-from .layout import Geometry, KVLayout, layout_mask, resolve_geometry
+from .layout import Geometry, KVLayout, layout_mask, resolve_geometry, sequence_starts, split_sequences
 
 
 @dataclass(frozen=True)
@@ -48,4 +48,4 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
 
 
 __all__ = ["BACKENDS", "Backend", "Geometry", "KVLayout", "layout_mask", "resolve_backend",
-           "resolve_geometry"]
+           "resolve_geometry", "sequence_starts", "split_sequences"]

@@ -7,19 +7,36 @@ and the kernels turn it into small per-block masks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Where queries and keys sit in the cache: query t has cache index q_offset + t, key s has kv_offset + s."""
+    """Where queries and keys sit in the cache: query t has cache index q_offset + t, key s has kv_offset + s.
+
+    It travels where `transformers` carries a prepared mask: `generate` with a static cache builds it
+    outside the model, calls `.contiguous()` and hands it back as `attention_mask`; accelerate moves it
+    between devices with `.to()`. `ndim` is 4 so that transformers treats it as a prepared mask.
+    """
 
     q_offset: int
     kv_offset: int
     valid: torch.Tensor | None = None  # [batch, n_keys] bool, False for padding; None when nothing is padded
     local_window: int | None = None  # keys at index distance >= local_window are hidden (sliding-window layers)
+
+    ndim = 4
+
+    def contiguous(self) -> "KVLayout":
+        return self
+
+    def to(self, *args, **kwargs) -> "KVLayout":
+        """The layout with its padding mask moved like a tensor (only device moves apply to a bool mask)."""
+        if self.valid is None:
+            return self
+        device = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
+        return self if device is None else replace(self, valid=self.valid.to(device))
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,8 @@ def layout_mask(
             "SelfExtend attention supports causal and sliding-window masks with padding; "
             "this model asked for a custom mask pattern (or_mask_function / and_mask_function)"
         )
+    if isinstance(attention_mask, KVLayout):  # built by `generate` for this very step (static cache)
+        return replace(attention_mask, local_window=local_size)
     valid = None
     if attention_mask is not None:
         valid = attention_mask.to(torch.bool)
@@ -60,19 +79,70 @@ def layout_mask(
     return KVLayout(int(q_offset), int(kv_offset), valid, local_size)
 
 
+def sequence_starts(
+    layout: KVLayout | None, position_ids: torch.Tensor | None, n_batch: int, n_queries: int, n_keys: int,
+    device: torch.device, cu_seq_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cache index where each query's sequence begins, [batch, n_queries]: its index minus its position.
+
+    Positions continue by 1 within a sequence; where they do not, a new sequence begins (packed rows, as
+    transformers' own find_packed_sequence_indices reads them). Only real tokens count: a padding query
+    takes the start of the real token before it (after it, for leading padding). `cu_seq_lens` (flash-
+    attention's varlen boundaries, one row) must agree with the positions when both are given.
+    """
+    layout = layout or KVLayout(q_offset=n_keys - n_queries, kv_offset=0)
+    index = layout.q_offset + torch.arange(n_queries, device=device)
+    positions = None if position_ids is None else position_ids.to(device=device, dtype=torch.long).expand(n_batch, -1)
+    if cu_seq_lens is not None:
+        cuts = cu_seq_lens.to(device=device, dtype=torch.long)
+        if n_batch != 1 or int(cuts[-1]) != n_queries:
+            raise ValueError(f"cu_seq_lens {cuts.tolist()} does not describe one packed row of {n_queries} queries")
+        first = cuts[torch.bucketize(torch.arange(n_queries, device=device), cuts[1:], right=True)]
+        by_cuts = (index[first] - (0 if positions is None else positions[0, first]))[None]
+        if positions is not None and not torch.equal(by_cuts, index - positions):
+            raise ValueError("cu_seq_lens and position_ids disagree on where the packed sequences begin")
+        return by_cuts
+    if positions is None:  # positions are cache indices
+        return torch.zeros(n_batch, n_queries, dtype=torch.long, device=device)
+    starts = index - positions
+    if layout.valid is None:
+        return starts
+    real = layout.valid.to(device)[:, layout.q_offset - layout.kv_offset + torch.arange(n_queries, device=device)]
+    order = torch.arange(n_queries, device=device).expand(n_batch, -1)
+    take = torch.where(real, order, -1).cummax(dim=1).values
+    first_real = torch.where(real.any(dim=1), real.to(torch.int8).argmax(dim=1), 0)
+    return starts.gather(1, torch.where(take < 0, first_real[:, None], take))
+
+
+def split_sequences(starts: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """(row, first query, end) of each sequence when some row holds several (packed); None otherwise."""
+    changes = starts[:, 1:] != starts[:, :-1]
+    if not bool(changes.any()):
+        return None
+    runs = []
+    for row in range(starts.shape[0]):
+        cuts = [0, *(torch.nonzero(changes[row]).flatten() + 1).tolist(), starts.shape[1]]
+        runs += [(row, a, b) for a, b in zip(cuts, cuts[1:])]
+    return runs
+
+
 def resolve_geometry(
     layout: KVLayout | None, position_ids: torch.Tensor | None, n_batch: int, n_queries: int, n_keys: int,
-    device: torch.device,
+    device: torch.device, starts: torch.Tensor | None = None,
 ) -> Geometry:
-    """Positions anchored at each row's last query (always a real token under left padding), contiguous per row."""
-    if layout is None:  # no mask was built: no padding, queries are the last n_queries keys
-        layout = KVLayout(q_offset=n_keys - n_queries, kv_offset=0)
+    """Positions of queries and keys for rows holding one sequence each (split packed rows first).
+
+    A key before its row's sequence start belongs to another sequence (or is padding) and is hidden.
+    """
+    layout = layout or KVLayout(q_offset=n_keys - n_queries, kv_offset=0)  # no mask built: no padding
+    if starts is None:
+        starts = sequence_starts(layout, position_ids, n_batch, n_queries, n_keys, device)
+    start = starts[:, -1:]
     shift = layout.q_offset - layout.kv_offset
-    if position_ids is None:
-        last = torch.full((n_batch,), layout.q_offset + n_queries - 1, device=device, dtype=torch.long)
-    else:
-        last = position_ids[:, -1].to(device=device, dtype=torch.long).expand(n_batch)
-    query_positions = last[:, None] - (n_queries - 1 - torch.arange(n_queries, device=device))
-    key_positions = last[:, None] - (shift + n_queries - 1 - torch.arange(n_keys, device=device))
+    query_positions = layout.q_offset + torch.arange(n_queries, device=device) - start
+    key_positions = layout.kv_offset + torch.arange(n_keys, device=device) - start
     valid = None if layout.valid is None else layout.valid.to(device)
+    if bool((start > layout.kv_offset).any()):
+        after_start = key_positions >= 0
+        valid = after_start if valid is None else valid & after_start
     return Geometry(shift, query_positions, key_positions, valid)

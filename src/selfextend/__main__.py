@@ -1,0 +1,7 @@
+"""`python -m selfextend ...`: the same as the `selfextend` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
