@@ -71,15 +71,16 @@ def _plan(model_or_config, length: int, effective_length: int | None) -> Plan:
         raise CommandError(str(error)) from error
 
 
-def _settings(args, model, length: int) -> tuple[int, int, str]:
+def _settings(args, model, length: int) -> tuple[int, int, int | None, str]:
+    """G, W, the effective length they were planned against (None when given by hand), and why."""
     if (args.group_size is None) != (args.window is None):
         raise CommandError("give both --group-size and --window, or neither to have them planned")
     if args.group_size is not None:
         if args.effective_length is not None:
             raise CommandError("--effective-length plans G and W: give it or --group-size/--window, not both")
-        return args.group_size, args.window, "given"
+        return args.group_size, args.window, None, "given"
     chosen = _plan(model, length, args.effective_length)
-    return chosen.group_size, chosen.window_size, chosen.reason
+    return chosen.group_size, chosen.window_size, chosen.effective_length, chosen.reason
 
 
 def cmd_generate(args) -> None:
@@ -97,9 +98,9 @@ def cmd_generate(args) -> None:
     ids = _prompt_ids(tokenizer, text, question, args.chat).to(args.device)
     n = ids.shape[1]
     train_length = training_length(model)
-    group, window, why = _settings(args, model, n + args.max_new_tokens)
+    group, window, effective, why = _settings(args, model, n + args.max_new_tokens)
     try:
-        apply(model, group, window)
+        apply(model, group, window, effective_length=effective)
     except (UnsupportedModelError, ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
     limit = settings(model).max_length
