@@ -1,4 +1,4 @@
-"""Command line: `selfextend generate | eval | calibrate | plan | info`."""
+"""Command line: `selfextend generate | eval | calibrate | plan | serve | info`."""
 
 from __future__ import annotations
 
@@ -329,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_effective_length(pl)
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(run=cmd_plan)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
+    from .serving.server import add_arguments, run as run_server
+    add_arguments(serve)
+    serve.set_defaults(run=run_server)
 
     info = sub.add_parser("info", help="family, RoPE, training length and extended layers of a model")
     info.add_argument("--model", help=model_help)

@@ -1,26 +1,42 @@
-"""Reading a long prompt in chunks and answering greedily: the loop shared by `generate` and `eval`."""
+"""Reading a long prompt in chunks and answering: the loop shared by `generate`, `eval`, `calibrate` and `serve`."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
+ChunkHook = Callable[[int, DynamicCache], None]
+
 
 @torch.inference_mode()
-def prefill(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 2048, progress: bool = False) -> DynamicCache:
-    """The KV cache of all but the last token of `ids`, filled `chunk_size` tokens per forward pass."""
+def prefill(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 2048, progress: bool = False,
+            cache: DynamicCache | None = None, on_chunk: ChunkHook | None = None) -> DynamicCache:
+    """The KV cache of all but the last token of `ids`, filled `chunk_size` tokens per forward pass.
+
+    Given a `cache` that already holds a prefix of `ids`, only the rest is read. Chunks end at multiples of
+    `chunk_size` counted from the first token, so a prefill resumed from a chunk boundary runs exactly the
+    forward passes of one from scratch. `on_chunk(end, cache)` runs after each chunk (it may raise to stop).
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk size must be positive, got {chunk_size}")
     n = ids.shape[1]
-    cache = DynamicCache(config=model.config)
-    with tqdm(total=n - 1, unit="tok", desc="prefill", file=sys.stderr, disable=not progress) as bar:
-        for start in range(0, n - 1, chunk_size):
-            end = min(n - 1, start + chunk_size)
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    done = cache.get_seq_length()
+    if done > max(n - 1, 0):
+        raise ValueError(f"the cache holds {done} tokens, more than the {n - 1} to prefill")
+    with tqdm(total=n - 1, initial=done, unit="tok", desc="prefill", file=sys.stderr, disable=not progress) as bar:
+        start = done
+        while start < n - 1:
+            end = min(n - 1, (start // chunk_size + 1) * chunk_size)
             model(ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=1)
             bar.update(end - start)
+            if on_chunk is not None:
+                on_chunk(end, cache)
+            start = end
     return cache
 
 
@@ -29,12 +45,21 @@ def pad_id(tokenizer) -> int | None:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def sampling(temperature: float, top_p: float = 1.0) -> dict:
+    """`generate` options for OpenAI-style sampling: greedy at temperature 0, else temperature and top-p only."""
+    if temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+
+
 @torch.inference_mode()
 def answer(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, max_new_tokens: int,
-           pad_token_id: int | None, streamer=None) -> torch.Tensor:
-    """Greedy continuation of `ids` from its pre-filled cache; returns the new token ids of row 0."""
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
-                         max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad_token_id)
+           pad_token_id: int | None, streamer=None, options: dict | None = None,
+           stopping_criteria=None) -> torch.Tensor:
+    """Continuation of `ids` from its pre-filled cache (greedy unless `options` say otherwise); new ids of row 0."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                         max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad_token_id,
+                         stopping_criteria=stopping_criteria, **(options or {"do_sample": False}))
     return out[0, ids.shape[1]:]
 
 

@@ -64,6 +64,12 @@ def check_effective_length(train_length: int, effective_length: int) -> int:
     return effective_length
 
 
+def longest_input(train_length: int, effective_length: int | None = None) -> int:
+    """The most tokens `plan` accepts: G = MAX_GROUP with W = P/16, every position inside L."""
+    length = effective_length or train_length
+    return extended_limit(train_length, MAX_GROUP, max(1, length // MIN_WINDOW_DIVISOR))
+
+
 def _smallest_group(length: int, window: int, budget: int) -> int:
     """Smallest G with W + ceil((N - W)/G) <= budget (budget > W, N > budget)."""
     return -(-(length - window) // (budget - window))
@@ -112,7 +118,7 @@ def plan(train_length: int, target_length: int, effective_length: int | None = N
                     f"no G <= {MAX_GROUP} keeps positions within 2/3 of the {what}; the coarsest plan, G = {MAX_GROUP} "
                     f"with W = {smallest_window}, keeps them within the training length (largest {used}, "
                     f"{used / length:.0%} of {length}): expect weaker retrieval")
-    most = extended_limit(train_length, MAX_GROUP, smallest_window)
+    most = longest_input(train_length, effective_length)
     raise InputTooLongError(
         f"{target_length} tokens need a group size above {MAX_GROUP} with a {train_length}-token model (planned "
         f"against the {what}); at most about {most} tokens fit with G = {MAX_GROUP}, W = {smallest_window}"

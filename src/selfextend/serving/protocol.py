@@ -1,0 +1,155 @@
+"""OpenAI's request and response shapes for chat and text completions, as pydantic models.
+
+Requests are validated strictly (a string is not a number, "yes" is not a boolean). Fields OpenAI
+defines that this server cannot honour are refused with a clear error rather than ignored; fields it
+does not know are ignored, as OpenAI's own clients may send new ones.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+def _unsupported(value, default, what: str):
+    if value is not None and value != default:
+        raise ValueError(f"{what} is not supported by this server")
+    return value
+
+
+class Sampling(Strict):
+    """What both endpoints share."""
+
+    model: str
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | int | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value):
+        return _unsupported(value, 1, "n other than 1")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value):
+        return _unsupported(value, 0, "a non-zero presence or frequency penalty")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        return _unsupported(value, False, "logprobs")
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ChatCompletionRequest(Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value):
+        if value:
+            raise ValueError("tools are not supported by this server")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError("only the text response format is supported")
+        return value
+
+    @model_validator(mode="after")
+    def _one_limit(self):
+        if self.max_tokens is None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class CompletionRequest(Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value):
+        return _unsupported(value, False, "echo")
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value):
+        return _unsupported(value, 1, "best_of other than 1")
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("suffix is not supported by this server")
+        return value
+
+
+class PlanInfo(BaseModel):
+    """Which SelfExtend settings answered the request (an extra field beside OpenAI's own)."""
+
+    group_size: int
+    window_size: int
+    effective_length: int | None
+    reason: str
+    cached_tokens: int = 0
+    queue_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
