@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from . import models
-from .config import training_length
+from .config import SelfExtendConfig, training_length
 from .integration import apply, settings
 from .planning import InputTooLongError, Plan, find_profile, plan_for
 from .rotary import UnsupportedModelError, rope_parameters_of
@@ -71,8 +71,26 @@ def _plan(model_or_config, length: int, effective_length: int | None) -> Plan:
         raise CommandError(str(error)) from error
 
 
+def _string_settings(args, model_or_config, length: int) -> SelfExtendConfig:
+    """STRING's settings from --shifted-offset/--local-window (defaults S = L/3, w = 128), errors as the user's."""
+    given = (getattr(args, name, None) is not None for name in ("group_size", "window", "effective_length"))
+    if any(given):
+        raise CommandError("--method string takes --shifted-offset and --local-window, not --group-size, --window "
+                           "or --effective-length")
+    train = training_length(model_or_config)
+    if length > train:
+        raise CommandError(f"{length} tokens are past the training length L = {train}, and STRING does not extend "
+                           "past it: use --method selfextend (the default) for longer inputs")
+    try:
+        return SelfExtendConfig.string(train, args.shifted_offset, args.local_window)
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from error
+
+
 def _settings(args, model, length: int) -> tuple[int, int, int | None, str]:
     """G, W, the effective length they were planned against (None when given by hand), and why."""
+    if args.shifted_offset is not None or args.local_window is not None:
+        raise CommandError("--shifted-offset and --local-window are STRING's settings: add --method string")
     if (args.group_size is None) != (args.window is None):
         raise CommandError("give both --group-size and --window, or neither to have them planned")
     if args.group_size is not None:
@@ -98,14 +116,19 @@ def cmd_generate(args) -> None:
     ids = _prompt_ids(tokenizer, text, question, args.chat).to(args.device)
     n = ids.shape[1]
     train_length = training_length(model)
-    group, window, effective, why = _settings(args, model, n + args.max_new_tokens)
-    try:
-        apply(model, group, window, effective_length=effective)
-    except (UnsupportedModelError, ValueError, TypeError) as error:
-        raise CommandError(str(error)) from error
-    limit = settings(model).max_length
-    print(f"[selfextend] {n} prompt tokens, training length {train_length}: G={group}, W={window}, "
-          f"limit {limit} ({why}); model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    if args.method == "string":
+        chosen = _string_settings(args, model, n + args.max_new_tokens)
+        apply(model, method="string", shifted_offset=chosen.window_size, local_window=chosen.local_window)
+        described = f"STRING S={chosen.window_size}, w={chosen.local_window}, limit {train_length}"
+    else:
+        group, window, effective, why = _settings(args, model, n + args.max_new_tokens)
+        try:
+            apply(model, group, window, effective_length=effective)
+        except (UnsupportedModelError, ValueError, TypeError) as error:
+            raise CommandError(str(error)) from error
+        described = f"G={group}, W={window}, limit {settings(model).max_length} ({why})"
+    print(f"[selfextend] {n} prompt tokens, training length {train_length}: {described}; "
+          f"model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     prefill_start = time.perf_counter()
     cache = prefill(model, ids, args.chunk_size, progress=not args.quiet)
     prefill_seconds = time.perf_counter() - prefill_start
@@ -129,6 +152,21 @@ def cmd_plan(args) -> None:
             raise CommandError("give --length N or --input FILE")
         tokenizer = models.load_tokenizer(source)
         args.length = len(tokenizer(_read_input(args.input)).input_ids)
+    if args.method == "string":
+        chosen = _string_settings(args, models.load_config(source), args.length)
+        summary = {"method": "string", "train_length": chosen.train_length, "target_length": args.length,
+                   "shifted_offset": chosen.window_size, "local_window": chosen.local_window,
+                   "max_length": chosen.max_length}
+        if args.json:
+            print(json.dumps(summary))
+            return
+        for key, value in summary.items():
+            print(f"{key:<28} {value:>10}")
+        print(f"why: distances d >= S = {chosen.window_size} are read at d - S + w (w = {chosen.local_window}); "
+              "STRING works inside the training length only")
+        return
+    if args.shifted_offset is not None or args.local_window is not None:
+        raise CommandError("--shifted-offset and --local-window are STRING's settings: add --method string")
     # the model's weights identify its measured profile; a given E needs only the config
     model = models.load_model(source) if args.effective_length is None else models.load_config(source)
     chosen = _plan(model, args.length, args.effective_length)
@@ -270,6 +308,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_method(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="selfextend", choices=["selfextend", "string"],
+                        help="position map: selfextend (default; extends past the training length) or string "
+                             "(STRING, inside the training length)")
+    parser.add_argument("--shifted-offset", type=int, metavar="S", help="STRING: distances from S on are shifted "
+                                                                         "(default: training length / 3)")
+    parser.add_argument("--local-window", type=int, metavar="w", help="STRING: where shifted distances start "
+                                                                      "(default 128)")
+
+
 def _add_effective_length(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--effective-length", type=int, metavar="E",
                         help="plan G and W against this length instead of the model's measured profile")
@@ -289,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--group-size", type=int)
     gen.add_argument("--window", type=int)
     _add_effective_length(gen)
+    _add_method(gen)
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_run_options(gen)
@@ -299,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help=model_help)
     ev.add_argument("--lengths", required=True, help="input lengths in tokens, e.g. 16k,32k,48k (k = 1024)")
     ev.add_argument("--methods", default="vanilla,selfextend",
-                    help="comma list of vanilla, selfextend[:G=..,W=..], linear|dynamic|yarn[:factor=..]")
+                    help="comma list of vanilla, selfextend[:G=..,W=..], string[:S=..,w=..], "
+                         "linear|dynamic|yarn[:factor=..]")
     ev.add_argument("--depths", default="0.5", help="needle depths, 0..1, e.g. 0,0.25,0.5,0.75,1")
     ev.add_argument("--samples", type=int, default=1, help="samples (seeds) per length and depth")
     ev.add_argument("--seed", type=int, default=0, help="first seed")
@@ -327,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--length", type=int, help="target length in tokens")
     pl.add_argument("--input", help="measure the length of this file (- for stdin) instead")
     _add_effective_length(pl)
+    _add_method(pl)
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(run=cmd_plan)
 

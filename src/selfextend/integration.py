@@ -86,19 +86,21 @@ def _warn_if_too_long(state: _State, geometry) -> None:
     if state.warned_long:
         return
     length = int(geometry.query_positions[:, -1].max()) + 1
-    if length > state.config.max_length:
+    config = state.config
+    if length > config.max_length:
         state.warned_long = True
         try:
-            chosen = plan(state.config.train_length, length, state.config.effective_length)
+            chosen = plan(config.train_length, length, config.effective_length)
             suggestion = f"Try group_size={chosen.group_size}, window_size={chosen.window_size}."
         except InputTooLongError as error:
             suggestion = str(error)
-        warnings.warn(
-            f"input of {length} tokens exceeds the SelfExtend limit (L - W)·G + W = {state.config.max_length} "
-            f"for G={state.config.group_size}, W={state.config.window_size}, L={state.config.train_length}; "
-            f"positions past training will degrade output. {suggestion}",
-            stacklevel=3,
-        )
+        if config.method == "string":
+            what = (f"the training length L = {config.train_length}, past which STRING does not extend; "
+                    f"positions past training will degrade output. SelfExtend reads longer inputs:")
+        else:
+            what = (f"the SelfExtend limit (L - W)·G + W = {config.max_length} for G={config.group_size}, "
+                    f"W={config.window_size}, L={config.train_length}; positions past training will degrade output.")
+        warnings.warn(f"input of {length} tokens exceeds {what} {suggestion}", stacklevel=3)
 
 
 AttentionInterface.register(ATTENTION_NAME, _attention_forward)
@@ -110,7 +112,8 @@ def _attention_modules(model: nn.Module):
 
 
 def apply(
-    model: nn.Module, group_size: int | None = None, window_size: int | None = None, *, backend: str = "auto",
+    model: nn.Module, group_size: int | None = None, window_size: int | None = None, *, method: str = "selfextend",
+    shifted_offset: int | None = None, local_window: int | None = None, backend: str = "auto",
     input_length: int | None = None, effective_length: int | None = None,
 ) -> nn.Module:
     """Switch `model` (in place) to SelfExtend attention and return it.
@@ -118,25 +121,37 @@ def apply(
     Give group_size and window_size, or neither and input_length to have them planned (against
     `effective_length` if given, else the model's measured profile, else its training length), or
     nothing to restore the settings saved in the model's config. Applying again replaces the settings.
-    Sliding-window layers keep their window and RoPE.
+    method="string" maps positions by STRING instead (shifted_offset S, default L/3; local_window w,
+    default min(128, S/2)); it does not extend past the training length. Sliding-window layers keep
+    their window and RoPE.
     """
     text_config = model.config.get_text_config()
     rope = find_rope(model, text_config)
     train_length = training_length(model)
     saved = getattr(model.config, CONFIG_KEY, None)
-    if group_size is None and window_size is None and input_length is None and isinstance(saved, dict):
-        group_size, window_size = saved["group_size"], saved["window_size"]
+    bare = group_size is None and window_size is None and input_length is None
+    if method == "selfextend" and bare and shifted_offset is None and local_window is None and isinstance(saved, dict):
+        method = saved.get("method", "selfextend")
+        group_size, window_size = saved.get("group_size"), saved.get("window_size")
+        shifted_offset, local_window = saved.get("shifted_offset"), saved.get("local_window")
         effective_length = saved.get("effective_length")
-    elif group_size is None and window_size is None:
-        if input_length is None:
-            raise ValueError("give group_size and window_size, or input_length to plan them")
-        chosen = plan_for(model, input_length, effective_length)
-        group_size, window_size, effective_length = chosen.group_size, chosen.window_size, chosen.effective_length
-    elif group_size is None or window_size is None:
-        raise ValueError("give both group_size and window_size, or neither (with input_length)")
-    config = SelfExtendConfig(group_size, window_size, train_length, backend, effective_length)
+    if method == "string":
+        config = _string_config(train_length, group_size, window_size, shifted_offset, local_window, input_length,
+                                backend)
+    else:
+        if shifted_offset is not None or local_window is not None:
+            raise ValueError("shifted_offset and local_window are STRING's settings: give method='string'")
+        if group_size is None and window_size is None:
+            if input_length is None:
+                raise ValueError("give group_size and window_size, or input_length to plan them")
+            chosen = plan_for(model, input_length, effective_length)
+            group_size, window_size, effective_length = (chosen.group_size, chosen.window_size,
+                                                         chosen.effective_length)
+        elif group_size is None or window_size is None:
+            raise ValueError("give both group_size and window_size, or neither (with input_length)")
+        config = SelfExtendConfig(group_size, window_size, train_length, backend, effective_length, method)
     resolve_backend(backend, next(model.parameters()).device)  # fails early on an unknown name
-    state = _State(config, GroupedRotation(group_size, window_size, rope))
+    state = _State(config, GroupedRotation(config.group_size, config.window_size, rope, config.offset))
     modules = _attention_modules(model)
     if not modules:
         raise UnsupportedModelError(f"{type(model).__name__} has no attention layers that SelfExtend recognises")
@@ -151,9 +166,27 @@ def apply(
         raise UnsupportedModelError(
             f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface"
         )
-    setattr(model.config, CONFIG_KEY, {"group_size": group_size, "window_size": window_size,
-                                       "effective_length": effective_length})
+    setattr(model.config, CONFIG_KEY, _saved(config))
     return model
+
+
+def _string_config(train_length: int, group_size, window_size, shifted_offset: int | None,
+                   local_window: int | None, input_length: int | None, backend: str) -> SelfExtendConfig:
+    """STRING's settings (defaults filled in), or a clear error for what STRING cannot take."""
+    if group_size is not None or window_size is not None:
+        raise ValueError("STRING takes shifted_offset and local_window, not group_size and window_size")
+    if input_length is not None and input_length > train_length:
+        raise ValueError(f"STRING does not extend past the training length: {input_length} tokens > L = "
+                         f"{train_length}; use SelfExtend (method='selfextend') for longer inputs")
+    return SelfExtendConfig.string(train_length, shifted_offset, local_window, backend)
+
+
+def _saved(config: SelfExtendConfig) -> dict:
+    """The settings as stored in config.selfextend, enough for a bare apply(model) to restore them."""
+    if config.method == "string":
+        return {"method": "string", "shifted_offset": config.window_size, "local_window": config.local_window}
+    return {"group_size": config.group_size, "window_size": config.window_size,
+            "effective_length": config.effective_length}
 
 
 def remove(model: nn.Module) -> nn.Module:

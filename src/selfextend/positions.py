@@ -1,8 +1,11 @@
-"""The SelfExtend position formula: the one place where grouped positions and limits are defined.
+"""The position map: the one place where grouped positions and limits are defined.
 
-Query at position i, key at j <= i, group size G, neighbor window W:
-neighbor attention (i - j < W) keeps RoPE positions (i, j); grouped attention (i - j >= W)
-uses query position floor(i/G) + W - floor(W/G) and key position floor(j/G).
+Query at position i, key at j <= i, group size G, window W, query offset c:
+near pairs (i - j < W) keep RoPE positions (i, j); far pairs (i - j >= W) use query position
+floor(i/G) + c and key position floor(j/G). Two presets:
+- SelfExtend (Jin et al., 2024): c = W - floor(W/G), so the far pass continues the neighbor window.
+- STRING (An et al., 2025) with shifted offset S and local value w: G = 1, W = S, c = w - S, so a far
+  pair at distance d sits at relative position d - S + w.
 Every function works on Python ints and on integer tensors alike.
 """
 
@@ -15,9 +18,19 @@ import torch
 IntLike = TypeVar("IntLike", int, torch.Tensor)
 
 
-def grouped_query_position(position: IntLike, group_size: int, window_size: int) -> IntLike:
-    """RoPE position a query at `position` takes in grouped attention."""
-    return position // group_size + window_size - window_size // group_size
+def selfextend_offset(group_size: int, window_size: int) -> int:
+    """SelfExtend's query offset c = W - floor(W/G): grouped distances start where the window ends."""
+    return window_size - window_size // group_size
+
+
+def string_offset(shifted_offset: int, local_window: int) -> int:
+    """STRING's query offset c = w - S (with G = 1 and W = S): a far pair at distance d sits at d - S + w."""
+    return local_window - shifted_offset
+
+
+def grouped_query_position(position: IntLike, group_size: int, window_size: int, offset: int | None = None) -> IntLike:
+    """RoPE position a query at `position` takes in the far pass: floor(i/G) + c (c: SelfExtend's unless given)."""
+    return position // group_size + (selfextend_offset(group_size, window_size) if offset is None else offset)
 
 
 def grouped_key_position(position: IntLike, group_size: int) -> IntLike:

@@ -52,15 +52,16 @@ def _rotate_half_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 class GroupedRotation:
-    """Moves queries and keys from their own RoPE positions to SelfExtend's grouped ones.
+    """Moves queries and keys from their own RoPE positions to the far pass's ones (positions.py's map).
 
     The shift depends only on the position, so cos/sin tables by position are built once per model and
     device (layers split over devices each get their device's tables, rebuilt if the inverse
     frequencies change) instead of at every layer and step.
     """
 
-    def __init__(self, group_size: int, window_size: int, rope: "RopeSource") -> None:
+    def __init__(self, group_size: int, window_size: int, rope: "RopeSource", offset: int | None = None) -> None:
         self.group_size, self.window_size, self.rope = group_size, window_size, rope
+        self.offset = offset  # the far pass's query offset c; None: SelfExtend's W - floor(W/G)
         self._tables: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._inv_freq: torch.Tensor | None = None
 
@@ -70,7 +71,7 @@ class GroupedRotation:
 
     def _shift(self, kind: str, positions: torch.Tensor) -> torch.Tensor:
         if kind == "query":
-            return grouped_query_position(positions, self.group_size, self.window_size) - positions
+            return grouped_query_position(positions, self.group_size, self.window_size, self.offset) - positions
         return grouped_key_position(positions, self.group_size) - positions
 
     def _table(self, kind: str, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,8 @@ def reference_attention(
     else:
         group_size, window_size, inv_freq = rotation.group_size, rotation.window_size, rotation.inv_freq
         raw_query, raw_key = rotate_by(query, -i, inv_freq), rotate_by(key, -j, inv_freq)
-        grouped_query = rotate_by(raw_query, grouped_query_position(i, group_size, window_size), inv_freq)
+        grouped_query = rotate_by(raw_query, grouped_query_position(i, group_size, window_size, rotation.offset),
+                                  inv_freq)
         grouped_key = rotate_by(raw_key, grouped_key_position(j, group_size), inv_freq)
         grouped_logits = grouped_query @ grouped_key.transpose(-1, -2) * scale
         logits = torch.where(uses_neighbor_attention(distance, window_size), logits, grouped_logits)

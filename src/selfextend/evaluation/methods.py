@@ -1,5 +1,6 @@
 """The methods compared side by side: vanilla, SelfExtend, and transformers' training-free RoPE scalings.
 
+`string` is STRING's position map (An et al., 2025), for inputs up to the training length.
 A method is applied to a loaded model for one input length and undone afterwards, so one model serves
 every method. `linear`, `dynamic` (NTK) and `yarn` take their frequencies from transformers' own
 ROPE_INIT_FUNCTIONS with a factor fitted to the length (N / L, at least 1) unless one is given, and scale
@@ -17,15 +18,15 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from ..config import SelfExtendConfig, training_length
 from ..integration import apply, remove
-from ..config import training_length
 from ..planning import plan_for
 from ..rotary import find_rope, rope_parameters_of
 
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
-METHODS = ("vanilla", "selfextend") + ROPE_SCALINGS
-_PARAMETERS = {"vanilla": (), "selfextend": ("G", "W"), "linear": ("factor",), "dynamic": ("factor",),
-               "yarn": ("factor",)}
+METHODS = ("vanilla", "selfextend", "string") + ROPE_SCALINGS
+_PARAMETERS = {"vanilla": (), "selfextend": ("G", "W"), "string": ("S", "w"), "linear": ("factor",),
+               "dynamic": ("factor",), "yarn": ("factor",)}
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Method:
 
     @classmethod
     def parse(cls, spec: str) -> "Method":
-        """`yarn`, `linear:factor=4`, `selfextend:G=8,W=1024`."""
+        """`yarn`, `linear:factor=4`, `selfextend:G=8,W=1024`, `string:S=10922,w=128`."""
         name, _, rest = spec.strip().partition(":")
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
@@ -75,6 +76,9 @@ class Method:
                 return dict(self.fixed)
             chosen = plan_for(model, length, effective_length)
             return {"G": chosen.group_size, "W": chosen.window_size}
+        if self.name == "string":
+            config = SelfExtendConfig.string(training_length(model), self.fixed.get("S"), self.fixed.get("w"))
+            return {"S": config.window_size, "w": config.local_window}
         if self.name in ROPE_SCALINGS:
             return {"factor": self.fixed.get("factor", round(max(1.0, length / training_length(model)), 4))}
         return {}
@@ -87,6 +91,12 @@ def applied(model: PreTrainedModel, method: Method, length: int,
     params = method.parameters(model, length, effective_length)
     if method.name == "selfextend":
         apply(model, params["G"], params["W"])
+        try:
+            yield params
+        finally:
+            remove(model)
+    elif method.name == "string":
+        apply(model, method="string", shifted_offset=params["S"], local_window=params["w"], input_length=length)
         try:
             yield params
         finally:
