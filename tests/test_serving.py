@@ -12,7 +12,8 @@ pytest.importorskip("fastapi")
 
 from conftest import make_model  # noqa: E402
 from selfextend import apply  # noqa: E402
-from selfextend.inference import prefill  # noqa: E402
+from selfextend.inference import answer, prefill  # noqa: E402
+from selfextend.planning import InputTooLongError  # noqa: E402
 from selfextend.serving.engine import Cancelled, Engine, Job, Params, QueueFullError, RequestPlanner  # noqa: E402
 from selfextend.serving.metrics import Metrics  # noqa: E402
 from selfextend.serving.prefix_cache import PrefixCache, Recorder, restore  # noqa: E402
@@ -118,8 +119,6 @@ def test_cancelled_request_stops_within_one_chunk():
 
 
 def test_engine_answers_like_generate_and_reuses_its_prefix():
-    from selfextend.inference import answer
-
     model = make_model("gemma3")
     engine = _engine(model)
     loop = asyncio.new_event_loop()
@@ -162,11 +161,32 @@ def test_detokenizer_cuts_at_stop_and_never_sends_part_of_it():
 
 
 def test_fixed_settings_refuse_past_their_limit():
-    from selfextend.planning import InputTooLongError
-
     planner = RequestPlanner(make_model("llama"), 4, 8)  # L = 64: (64 - 8)·4 + 8 = 232
     assert planner.limit == 232 and planner.plan(232).group_size == 4
     with pytest.raises(InputTooLongError, match="232"):
         planner.plan(233)
     with pytest.raises(ValueError):
         RequestPlanner(make_model("llama"), 4, None)
+
+
+def test_string_requests_and_their_prefix_entries_are_their_own():
+    model = make_model("gemma3")
+    planner = RequestPlanner(model, method="string")
+    assert planner.limit == 64
+    with pytest.raises(InputTooLongError, match="STRING"):
+        planner.plan(65)
+    engine = Engine(model, CharTokenizer(), planner, Metrics(), chunk_size=CHUNK)
+    loop = asyncio.new_event_loop()
+    ids = _ids(6, 50)
+    job = Job(Params(ids, 4, planner.plan(54), temperature=0), loop)
+    engine._run(job)
+    assert model.config.selfextend["method"] == "string"
+    expected = answer(model, ids, prefill(model, ids, CHUNK), 4, 0)
+    assert "".join(p for k, p in _drain(loop, job) if k == "delta") == CharTokenizer().decode(expected.tolist())
+    selfextend_planner = RequestPlanner(model, 4, 8)
+    assert engine.prefix.find(("selfextend", 4, 8, None, None), ids[0, :-1]) == (None, 0)
+    assert engine.prefix.find(("string", 1, 21, None, 10), ids[0, :-1])[1] == 48
+    with pytest.raises(ValueError):
+        RequestPlanner(model, 4, 8, method="string")
+    assert selfextend_planner.plan(54).method == "selfextend"
+    loop.close()

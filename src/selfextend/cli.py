@@ -11,7 +11,7 @@ from pathlib import Path
 from . import models
 from .config import SelfExtendConfig, training_length
 from .integration import apply, settings
-from .planning import InputTooLongError, Plan, find_profile, plan_for
+from .planning import InputTooLongError, Plan, choose_for, find_profile, plan_for, string_plan
 from .rotary import UnsupportedModelError, rope_parameters_of
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -63,9 +63,11 @@ def _prompt_ids(tokenizer, text: str, question: str, chat: bool):
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
-def _plan(model_or_config, length: int, effective_length: int | None) -> Plan:
-    """The planner's choice for `length` tokens, its errors as the user's."""
+def _plan(model_or_config, length: int, effective_length: int | None, method: str = "selfextend") -> Plan:
+    """The planner's choice for `length` tokens (with method "auto", of the method too), errors as the user's."""
     try:
+        if method == "auto":
+            return choose_for(model_or_config, length, effective_length)
         return plan_for(model_or_config, length, effective_length)
     except (InputTooLongError, ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
@@ -80,15 +82,16 @@ def _string_settings(args, model_or_config, length: int) -> SelfExtendConfig:
     train = training_length(model_or_config)
     if length > train:
         raise CommandError(f"{length} tokens are past the training length L = {train}, and STRING does not extend "
-                           "past it: use --method selfextend (the default) for longer inputs")
+                           "past it: use --method selfextend or auto (the default) for longer inputs")
     try:
         return SelfExtendConfig.string(train, args.shifted_offset, args.local_window)
     except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
 
 
-def _settings(args, model, length: int) -> tuple[int, int, int | None, str]:
-    """G, W, the effective length they were planned against (None when given by hand), and why."""
+def _settings(args, model, length: int) -> tuple[str, int, int, int | None, int | None, str]:
+    """Method, G (or 1), W (or STRING's S), the E they were planned against (None when given by hand),
+    STRING's w (or None), and why."""
     if args.shifted_offset is not None or args.local_window is not None:
         raise CommandError("--shifted-offset and --local-window are STRING's settings: add --method string")
     if (args.group_size is None) != (args.window is None):
@@ -96,9 +99,10 @@ def _settings(args, model, length: int) -> tuple[int, int, int | None, str]:
     if args.group_size is not None:
         if args.effective_length is not None:
             raise CommandError("--effective-length plans G and W: give it or --group-size/--window, not both")
-        return args.group_size, args.window, None, "given"
-    chosen = _plan(model, length, args.effective_length)
-    return chosen.group_size, chosen.window_size, chosen.effective_length, chosen.reason
+        return "selfextend", args.group_size, args.window, None, None, "given"
+    chosen = _plan(model, length, args.effective_length, args.method)
+    return (chosen.method, chosen.group_size, chosen.window_size, chosen.effective_length, chosen.local_window,
+            chosen.reason)
 
 
 def cmd_generate(args) -> None:
@@ -121,12 +125,16 @@ def cmd_generate(args) -> None:
         apply(model, method="string", shifted_offset=chosen.window_size, local_window=chosen.local_window)
         described = f"STRING S={chosen.window_size}, w={chosen.local_window}, limit {train_length}"
     else:
-        group, window, effective, why = _settings(args, model, n + args.max_new_tokens)
+        method, group, window, effective, local, why = _settings(args, model, n + args.max_new_tokens)
         try:
-            apply(model, group, window, effective_length=effective)
+            if method == "string":
+                apply(model, method="string", shifted_offset=window, local_window=local)
+            else:
+                apply(model, group, window, effective_length=effective)
         except (UnsupportedModelError, ValueError, TypeError) as error:
             raise CommandError(str(error)) from error
-        described = f"G={group}, W={window}, limit {settings(model).max_length} ({why})"
+        described = (f"STRING S={window}, w={local}" if method == "string" else f"G={group}, W={window}") + \
+            f", limit {settings(model).max_length} ({why})"
     print(f"[selfextend] {n} prompt tokens, training length {train_length}: {described}; "
           f"model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     prefill_start = time.perf_counter()
@@ -153,31 +161,28 @@ def cmd_plan(args) -> None:
         tokenizer = models.load_tokenizer(source)
         args.length = len(tokenizer(_read_input(args.input)).input_ids)
     if args.method == "string":
-        chosen = _string_settings(args, models.load_config(source), args.length)
-        summary = {"method": "string", "train_length": chosen.train_length, "target_length": args.length,
-                   "shifted_offset": chosen.window_size, "local_window": chosen.local_window,
-                   "max_length": chosen.max_length}
-        if args.json:
-            print(json.dumps(summary))
-            return
-        for key, value in summary.items():
-            print(f"{key:<28} {value:>10}")
-        print(f"why: distances d >= S = {chosen.window_size} are read at d - S + w (w = {chosen.local_window}); "
-              "STRING works inside the training length only")
-        return
-    if args.shifted_offset is not None or args.local_window is not None:
-        raise CommandError("--shifted-offset and --local-window are STRING's settings: add --method string")
-    # the model's weights identify its measured profile; a given E needs only the config
-    model = models.load_model(source) if args.effective_length is None else models.load_config(source)
-    chosen = _plan(model, args.length, args.effective_length)
+        config = _string_settings(args, models.load_config(source), args.length)
+        chosen = string_plan(config, args.length, "given (--method string)")
+    else:
+        if args.shifted_offset is not None or args.local_window is not None:
+            raise CommandError("--shifted-offset and --local-window are STRING's settings: add --method string")
+        # the model's weights identify its measured profile; a given E needs only the config
+        model = models.load_model(source) if args.effective_length is None else models.load_config(source)
+        chosen = _plan(model, args.length, args.effective_length, args.method)
     if args.json:
         print(json.dumps(chosen.as_dict()))
         return
     effective = chosen.effective_length or "not known"
+    if chosen.method == "string":
+        settings_rows = [("method", "STRING"), ("shifted offset S", chosen.window_size),
+                         ("local window w", chosen.local_window), ("limit (STRING: L)", chosen.max_length),
+                         ("largest position N-S+w", chosen.largest_position)]
+    else:
+        settings_rows = [("group size G", chosen.group_size), ("window W", chosen.window_size),
+                         ("extended limit (L-W)·G+W", chosen.max_length),
+                         ("largest position W+(N-W)/G", chosen.largest_position)]
     rows = [("training length L", chosen.train_length), ("effective length E", effective),
-            ("target length N", chosen.target_length), ("group size G", chosen.group_size),
-            ("window W", chosen.window_size),
-            ("extended limit (L-W)·G+W", chosen.max_length), ("largest position W+(N-W)/G", chosen.largest_position)]
+            ("target length N", chosen.target_length), *settings_rows]
     for label, value in rows:
         print(f"{label:<28} {value:>10}")
     print(f"why: {chosen.reason}")
@@ -205,6 +210,8 @@ def _profile_info(model) -> dict | None:
         return None
     return {"effective_length": profile.effective_length, "threshold": profile.threshold,
             "accuracy": {n: f"{a['correct']}/{a['total']}" for n, a in sorted(profile.accuracy.items())},
+            "compared": {m: {n: f"{a['correct']}/{a['total']}" for n, a in sorted(r.items())}
+                         for m, r in sorted(profile.methods.items())},
             "measured": profile.created, "file": str(profile.path)}
 
 
@@ -223,10 +230,12 @@ def cmd_info(args) -> None:
     print(f"{'effective_length':<16} {profile['effective_length']} (accuracy >= {profile['threshold']}; "
           f"measured {profile['measured']}, {profile['file']})")
     print(f"{'probed':<16} " + ", ".join(f"{n}: {a}" for n, a in profile["accuracy"].items()))
+    for method, results in profile["compared"].items():
+        print(f"{'compared':<16} {method}: " + ", ".join(f"{n}: {a}" for n, a in results.items()))
 
 
 def cmd_calibrate(args) -> None:
-    from .planning.calibration import CalibrationError, Probes, calibrate
+    from .planning.calibration import CalibrationError, Probes, calibrate, compare
     from .planning import save_profile
 
     try:
@@ -239,9 +248,17 @@ def cmd_calibrate(args) -> None:
     source = _source(args)
     tokenizer = models.load_tokenizer(source)
     model = models.load_model(source, device=args.device, dtype=args.dtype)
+    profile = find_profile(model) if args.compare else None
+    if profile is not None:
+        print(f"[calibrate] comparing against the measured E = {profile.effective_length} ({profile.path})",
+              file=sys.stderr)
     try:
-        profile = calibrate(model, tokenizer, args.model or models.DEFAULT_MODEL, probes, start=args.start,
-                            resolution=args.resolution, budget_minutes=args.budget, progress=not args.quiet)
+        if profile is None:
+            profile = calibrate(model, tokenizer, args.model or models.DEFAULT_MODEL, probes, start=args.start,
+                                resolution=args.resolution, budget_minutes=args.budget, progress=not args.quiet)
+        if args.compare:
+            lengths = _lengths(args.compare_lengths) if args.compare_lengths else None
+            profile = compare(model, tokenizer, profile, probes, lengths, progress=not args.quiet)
     except CalibrationError as error:
         raise CommandError(str(error)) from error
     path = save_profile(profile, args.out)
@@ -250,6 +267,8 @@ def cmd_calibrate(args) -> None:
     budget = " (stopped by --budget: E may be longer)" if profile.stopped_by_budget else ""
     print(f"effective length E = {profile.effective_length} of training length {profile.train_length}{budget}; "
           f"{profile.seconds / 60:.1f} min")
+    for method, results in sorted(profile.methods.items()):
+        print(f"{method:>10}: " + ", ".join(f"{n} tokens {r['correct']}/{r['total']}" for n, r in sorted(results.items())))
     print(f"[calibrate] profile written to {path}", file=sys.stderr)
 
 
@@ -309,9 +328,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_method(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="selfextend", choices=["selfextend", "string"],
-                        help="position map: selfextend (default; extends past the training length) or string "
-                             "(STRING, inside the training length)")
+    parser.add_argument("--method", default="auto", choices=["auto", "selfextend", "string"],
+                        help="position map: auto (default: SelfExtend, or STRING inside the training length where "
+                             "the model's profile measured it better), selfextend, or string (STRING, inside the "
+                             "training length only)")
     parser.add_argument("--shifted-offset", type=int, metavar="S", help="STRING: distances from S on are shifted "
                                                                          "(default: training length / 3)")
     parser.add_argument("--local-window", type=int, metavar="w", help="STRING: where shifted distances start "
@@ -368,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--start", type=int, help="first length probed (default: training length / 8)")
     cal.add_argument("--resolution", type=int, help="stop bisecting at this gap (default: training length / 16)")
     cal.add_argument("--budget", type=float, help="stop after this many minutes (E is then a lower bound)")
+    cal.add_argument("--compare", action="store_true",
+                     help="also run the probes with SelfExtend and STRING between E and L (E: the model's profile "
+                          "if it has one, else measured first); the planner then chooses by them")
+    cal.add_argument("--compare-lengths", help="lengths for --compare (default: midway between E and L, and L - L/64)")
     cal.add_argument("--out", help="profile file (default: $SELFEXTEND_HOME/profiles/<model identity>.json)")
     _add_run_options(cal)
     cal.set_defaults(run=cmd_calibrate)

@@ -5,6 +5,9 @@ a different key at each) run at lengths searched from L/8: halving while the mod
 while it passes (up to L), then bisecting between the longest pass and the shortest failure down to a
 resolution. A length passes when its accuracy reaches the threshold; its probes stop as soon as the
 outcome is settled. E is the longest length that passed.
+
+`compare` then runs the same probes with SelfExtend and with STRING at lengths between E and L, the
+evidence by which the planner chooses between them there (choice.py).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from torch import nn
@@ -21,7 +24,8 @@ from tqdm import tqdm
 from ..config import training_length
 from ..evaluation.tasks import TASKS, is_correct
 from ..inference import respond
-from ..integration import settings
+from ..integration import apply, remove, settings
+from .plan import plan
 from .profiles import Profile, model_identity
 
 DEFAULT_TASKS = ("passkey", "niah")
@@ -60,6 +64,62 @@ class Probes:
         return math.ceil(self.threshold * self.count - 1e-9)
 
 
+def _probe(model: nn.Module, tokenizer, probes: Probes, task: str, length: int, depth: float, index: int) -> bool:
+    """One probe: the `task` sample at `length` tokens and `depth` (its key chosen by `index`), answered right?"""
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    sample = TASKS[task](count, length, depth, index)
+    ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(model.device)
+    return is_correct(sample.expected, respond(model, tokenizer, ids, sample.max_new_tokens, probes.chunk_size))
+
+
+def compare_lengths(profile: Profile) -> list[int]:
+    """Where `compare` probes by default: midway between E and L, and just inside L (room for the answer)."""
+    length = profile.train_length
+    if profile.effective_length >= length:
+        return []
+    return sorted({(profile.effective_length + length) // 2, length - max(1, length // 64)})
+
+
+def compare(model: nn.Module, tokenizer, profile: Profile, probes: Probes = Probes(), lengths: list[int] | None = None,
+            progress: bool = True) -> Profile:
+    """`profile` with SelfExtend (planned against its E) and STRING (S = L/3, w = 128) run on the same probes at
+    `lengths` inside the training length: the evidence the planner chooses between them by."""
+    if settings(model) is not None:
+        raise CalibrationError("compare applies each method itself: call selfextend.remove(model) first")
+    lengths = compare_lengths(profile) if lengths is None else sorted(set(lengths))
+    if not lengths:
+        raise CalibrationError(f"nothing to compare: the effective length {profile.effective_length} is the "
+                               f"training length {profile.train_length}")
+    outside = [n for n in lengths if not profile.effective_length < n <= profile.train_length]
+    if outside:
+        raise CalibrationError(f"compare lengths must lie between E = {profile.effective_length} and L = "
+                               f"{profile.train_length} (where the methods differ), got {outside}")
+    started = time.perf_counter()
+    methods: dict[str, dict[int, dict]] = {"selfextend": {}, "string": {}}
+    with tqdm(total=2 * sum(lengths) * probes.count, unit="tok", desc="compare", file=sys.stderr,
+              disable=not progress, dynamic_ncols=True) as bar:
+        for length in lengths:
+            for method in methods:
+                if method == "string":
+                    apply(model, method="string", input_length=length)
+                else:
+                    chosen = plan(profile.train_length, length, profile.effective_length)
+                    apply(model, chosen.group_size, chosen.window_size, effective_length=chosen.effective_length)
+                correct = 0
+                try:
+                    for index, depth in enumerate(probes.depths):
+                        for task in probes.tasks:
+                            bar.set_postfix_str(f"{method}: {task} @ {length}, depth {depth}", refresh=True)
+                            correct += _probe(model, tokenizer, probes, task, length, depth, index)
+                            bar.update(length)
+                finally:
+                    remove(model)
+                methods[method][length] = {"correct": correct, "total": probes.count}
+    probes_used = {**profile.probes, "compare": {"tasks": list(probes.tasks), "depths": list(probes.depths),
+                                                "seconds": round(time.perf_counter() - started, 1)}}
+    return replace(profile, methods=methods, probes=probes_used)
+
+
 def calibrate(model: nn.Module, tokenizer, name: str, probes: Probes = Probes(), *, start: int | None = None,
               resolution: int | None = None, budget_minutes: float | None = None, progress: bool = True) -> Profile:
     """Search the effective length of `model` (with its own attention); returns the profile, unsaved."""
@@ -83,10 +143,7 @@ def calibrate(model: nn.Module, tokenizer, name: str, probes: Probes = Probes(),
         for index, depth in enumerate(probes.depths):
             for task in probes.tasks:
                 bar.set_postfix_str(f"{task} @ {length}, depth {depth}", refresh=True)
-                sample = TASKS[task](count, length, depth, index)
-                ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(model.device)
-                got = respond(model, tokenizer, ids, sample.max_new_tokens, probes.chunk_size)
-                correct, run = correct + is_correct(sample.expected, got), run + 1
+                correct, run = correct + _probe(model, tokenizer, probes, task, length, depth, index), run + 1
                 bar.update(length)
                 if correct >= probes.needed or run - correct > probes.count - probes.needed:
                     accuracy[length] = {"correct": correct, "total": run, "passed": correct >= probes.needed}

@@ -41,6 +41,8 @@ class Plan:
     reason: str
     effective_length: int | None = None  # the E planned against; None: planned against the training length
     effective_source: str | None = None  # where E came from ("given", or the profile file)
+    method: str = "selfextend"  # or "string": then window_size is STRING's S and local_window its w
+    local_window: int | None = None
 
     @property
     def planning_length(self) -> int:

@@ -48,12 +48,15 @@ class Profile:
     created: str
     seconds: float
     stopped_by_budget: bool = False
+    # method -> probed length -> {"correct", "total"}: SelfExtend and STRING compared inside L (calibrate --compare)
+    methods: dict[str, dict[int, dict]] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)
 
     def as_json(self) -> dict:
         data = asdict(self)
         del data["path"]
         data["accuracy"] = {str(k): v for k, v in sorted(self.accuracy.items())}
+        data["methods"] = {m: {str(k): v for k, v in sorted(a.items())} for m, a in sorted(self.methods.items())}
         return {"format": FORMAT, **data}
 
     @classmethod
@@ -66,7 +69,9 @@ class Profile:
                 effective_length=int(data["effective_length"]), threshold=float(data["threshold"]),
                 accuracy={int(k): dict(v) for k, v in data["accuracy"].items()}, probes=dict(data["probes"]),
                 created=str(data["created"]), seconds=float(data["seconds"]),
-                stopped_by_budget=bool(data.get("stopped_by_budget", False)), path=path)
+                stopped_by_budget=bool(data.get("stopped_by_budget", False)),
+                methods={str(m): {int(k): dict(v) for k, v in a.items()} for m, a in data.get("methods", {}).items()},
+                path=path)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ProfileError(f"malformed profile: {error!r}") from error
         if not 0 < profile.effective_length <= profile.train_length:

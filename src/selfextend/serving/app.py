@@ -172,7 +172,8 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
             job.cancelled.set()  # a no-op once the job is over; stops it if the client left
 
     def plan_info(params: Params, result: Result | None) -> dict:
-        info = PlanInfo(group_size=params.plan.group_size, window_size=params.plan.window_size,
+        info = PlanInfo(method=params.plan.method, local_window=params.plan.local_window,
+                        group_size=params.plan.group_size, window_size=params.plan.window_size,
                         effective_length=params.plan.effective_length, reason=params.plan.reason)
         if result is not None:
             info.cached_tokens, info.queue_seconds = result.cached_tokens, round(result.queue_seconds, 3)
@@ -185,7 +186,10 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
                 "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
 
     def headers(params: Params) -> dict[str, str]:
-        return {"x-selfextend-plan": f"G={params.plan.group_size}, W={params.plan.window_size}"}
+        chosen = params.plan
+        if chosen.method == "string":
+            return {"x-selfextend-plan": f"STRING S={chosen.window_size}, w={chosen.local_window}"}
+        return {"x-selfextend-plan": f"G={chosen.group_size}, W={chosen.window_size}"}
 
     async def run(body: Sampling, ids: list[int], request: Request, chat: bool):
         params = params_of(body, ids)

@@ -24,7 +24,8 @@ from transformers.generation.streamers import BaseStreamer
 from ..config import training_length
 from ..inference import answer, pad_id, prefill, sampling
 from ..integration import apply, settings as applied_settings
-from ..planning import InputTooLongError, Plan, effective_length_of, longest_input, plan
+from ..config import SelfExtendConfig
+from ..planning import InputTooLongError, Plan, choose, longest_input, measured, plan, string_plan
 from ..positions import extended_limit, largest_position_used
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, Recorder, restore
@@ -42,23 +43,40 @@ class Cancelled(Exception):
 
 
 class RequestPlanner:
-    """G and W per request: planned like `generate` (against the measured profile), or fixed at start."""
+    """The plan per request: chosen like `generate` (method and G/W, against the measured profile), or fixed at
+    start (a method, or G and W)."""
 
     def __init__(self, model: PreTrainedModel, group_size: int | None = None, window_size: int | None = None,
-                 effective_length: int | None = None):
+                 effective_length: int | None = None, method: str = "auto"):
         if (group_size is None) != (window_size is None):
             raise ValueError("give both group size and window, or neither to have them planned per request")
-        if group_size is not None and effective_length is not None:
-            raise ValueError("an effective length plans G and W: give it or a fixed group size and window, not both")
+        if group_size is not None and (effective_length is not None or method == "string"):
+            raise ValueError("a fixed group size and window are SelfExtend's: give no effective length or STRING")
+        if method not in ("auto", "selfextend", "string"):
+            raise ValueError(f"unknown method {method!r}: choose auto, selfextend or string")
         self.train_length = training_length(model)
+        self.method = method
         self.fixed = (group_size, window_size) if group_size is not None else None
-        self.effective_length, self.source = (None, None) if self.fixed else effective_length_of(model, effective_length)
-        self.limit = (extended_limit(self.train_length, *self.fixed) if self.fixed
-                      else longest_input(self.train_length, self.effective_length))
+        self.profile, self.effective_length, self.source = (None, None, None) if self.fixed else \
+            measured(model, effective_length)
+        if self.fixed:
+            self.limit = extended_limit(self.train_length, *self.fixed)
+        elif method == "string":
+            self.limit = self.train_length
+        else:
+            self.limit = longest_input(self.train_length, self.effective_length)
 
     def plan(self, total_length: int) -> Plan:
         """The plan for a prompt plus its new tokens; InputTooLongError past the limit."""
+        if self.method == "string":
+            if total_length > self.limit:
+                raise InputTooLongError(f"{total_length} tokens are past the training length {self.limit}, and "
+                                        "STRING (this server's --method) does not extend past it")
+            return string_plan(SelfExtendConfig.string(self.train_length), total_length,
+                               "given when the server started")
         if self.fixed is None:
+            if self.method == "auto":
+                return choose(self.train_length, total_length, self.profile, self.effective_length, self.source)
             return plan(self.train_length, total_length, self.effective_length, self.source)
         group, window = self.fixed
         if total_length > self.limit:
@@ -147,6 +165,11 @@ class _Halt(StoppingCriteria):
         return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
 
 
+def _settings_of(chosen: Plan) -> tuple:
+    """What the keys and values computed under `chosen` depend on: the method and its settings."""
+    return chosen.method, chosen.group_size, chosen.window_size, chosen.effective_length, chosen.local_window
+
+
 class Engine:
     """Owns the model and its worker thread; `submit` queues a job or raises QueueFullError."""
 
@@ -228,8 +251,13 @@ class Engine:
 
     def _use(self, chosen: Plan) -> None:
         current = applied_settings(self.model)
-        wanted = (chosen.group_size, chosen.window_size, chosen.effective_length)
-        if current is None or (current.group_size, current.window_size, current.effective_length) != wanted:
+        now = None if current is None else (current.method, current.group_size, current.window_size,
+                                            current.effective_length, current.local_window)
+        if now == _settings_of(chosen):
+            return
+        if chosen.method == "string":
+            apply(self.model, method="string", shifted_offset=chosen.window_size, local_window=chosen.local_window)
+        else:
             apply(self.model, chosen.group_size, chosen.window_size, effective_length=chosen.effective_length)
 
     def _run(self, job: Job) -> Result:
@@ -237,7 +265,7 @@ class Engine:
         started = time.perf_counter()
         self._use(p.plan)
         n = p.ids.shape[1]
-        key = (p.plan.group_size, p.plan.window_size, p.plan.effective_length)
+        key = _settings_of(p.plan)
         prompt = p.ids[0, :max(n - 1, 0)]
         entry, reused = self.prefix.find(key, prompt) if self.prefix.capacity_bytes else (None, 0)
         (metrics.prefix_hits if reused else metrics.prefix_misses).inc()

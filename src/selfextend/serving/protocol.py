@@ -133,10 +133,13 @@ class CompletionRequest(Sampling):
 
 
 class PlanInfo(BaseModel):
-    """Which SelfExtend settings answered the request (an extra field beside OpenAI's own)."""
+    """Which position map answered the request (an extra field beside OpenAI's own); for STRING, G = 1,
+    window_size is its shifted offset S and local_window its w."""
 
+    method: str
     group_size: int
     window_size: int
+    local_window: int | None
     effective_length: int | None
     reason: str
     cached_tokens: int = 0

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $SELFEXTEND_API_KEY, else none)")
     parser.add_argument("--group-size", type=int, help="fix G for every request (with --window); default: planned")
     parser.add_argument("--window", type=int, help="fix W for every request (with --group-size)")
+    parser.add_argument("--method", default="auto", choices=["auto", "selfextend", "string"],
+                        help="position map per request: auto (SelfExtend, or STRING inside the training length where "
+                             "the profile measured it better), selfextend, or string (inside the training length)")
     parser.add_argument("--effective-length", type=int, metavar="E",
                         help="plan against this length instead of the model's measured profile")
     parser.add_argument("--chat-template", help="Jinja chat template file, for models without one")
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = models.load_tokenizer(source)
     model = models.load_model(source, device=args.device, dtype=args.dtype)
     try:
-        planner = RequestPlanner(model, args.group_size, args.window, args.effective_length)
+        planner = RequestPlanner(model, args.group_size, args.window, args.effective_length, args.method)
     except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
     engine = Engine(model, tokenizer, planner, Metrics(), chunk_size=args.chunk_size, max_queue=args.max_queue,
@@ -76,8 +79,9 @@ def run(args: argparse.Namespace) -> None:
     name = args.served_model_name or args.model or models.DEFAULT_MODEL
     options = ServerOptions(name, args.api_key, int(args.max_body_mb * 2**20), args.max_tokens_cap,
                             args.default_max_tokens, template)
-    planned = (f"G={args.group_size}, W={args.window} fixed" if planner.fixed else
-               f"G and W planned per request against {planner.effective_length or planner.train_length} tokens")
+    planned = (f"G={args.group_size}, W={args.window} fixed" if planner.fixed else "STRING for every request"
+               if args.method == "string" else
+               f"planned per request against {planner.effective_length or planner.train_length} tokens")
     logging.getLogger("selfextend.serving").info(
         "serving %s on http://%s:%d/v1 (%s; inputs up to %d tokens; key %s)", name, args.host, args.port, planned,
         planner.limit, "required" if args.api_key else "not required")
