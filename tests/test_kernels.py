@@ -39,10 +39,11 @@ def _problem(n_queries, n_keys, pads, heads=4, kv_heads=2, seed=0):
     return q0, k0, v, _hf_rope(q0, geometry.query_positions), _hf_rope(k0, geometry.key_positions), geometry
 
 
-def test_oracle_reads_the_formula_pair_by_pair():
-    G, W, scale = 3, 5, 0.25
+def check_pair_by_pair(rotation, rope_positions, scale=0.25):
+    """The oracle under `rotation` against logits built pair by pair: `rope_positions(i, j)` gives the RoPE
+    positions at which query i and key j meet."""
     q0, k0, v, q, k, geometry = _problem(9, 30, pads=[0, 4])
-    got = reference_attention(q, k, v, geometry, _rotation(G, W), scale)
+    got = reference_attention(q, k, v, geometry, rotation, scale)
     for b in range(2):
         for h in range(4):
             for t in range(9):
@@ -53,13 +54,18 @@ def test_oracle_reads_the_formula_pair_by_pair():
                     if not bool(geometry.valid[b, s]) or j > i:
                         logits.append(float("-inf"))
                         continue
-                    qi, kj = (i, j) if i - j < W else (grouped_query_position(i, G, W), grouped_key_position(j, G))
+                    qi, kj = rope_positions(i, j)
                     qr = _hf_rope(q0[b:b + 1, h:h + 1, t:t + 1], torch.tensor([[qi]]))
                     kr = _hf_rope(k0[b:b + 1, h // 2:h // 2 + 1, s:s + 1], torch.tensor([[kj]]))
                     logits.append(float((qr * kr).sum()) * scale)
-                probs = torch.softmax(torch.tensor(logits), dim=0)
-                expected = probs @ v[b, h // 2]
+                expected = torch.softmax(torch.tensor(logits), dim=0) @ v[b, h // 2]
                 torch.testing.assert_close(got[b, t, h], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_oracle_reads_the_formula_pair_by_pair():
+    G, W = 3, 5
+    check_pair_by_pair(_rotation(G, W), lambda i, j: (i, j) if i - j < W else
+                       (grouped_query_position(i, G, W), grouped_key_position(j, G)))
 
 
 @pytest.mark.parametrize("n_queries, n_keys", [(70, 70), (1, 70), (13, 70), (40, 90), (3, 5)])

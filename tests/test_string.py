@@ -13,7 +13,7 @@ from selfextend.attention import blockwise
 from selfextend.attention.reference import reference_attention
 from selfextend.positions import string_offset
 from selfextend.rotary import GroupedRotation, RopeSource
-from test_kernels import INV_FREQ, _hf_rope, _problem
+from test_kernels import INV_FREQ, _problem, check_pair_by_pair
 
 S, w = 21, 5  # the tiny models' L = 64: S ≈ L/3
 
@@ -26,26 +26,9 @@ def _string_rotation(shifted_offset: int, local_window: int) -> GroupedRotation:
 
 def test_oracle_reads_strings_definition_pair_by_pair():
     """Near when d = i - j < S (RoPE at i, j); far when d >= S, at relative position d - S + w. Each pair once."""
-    shifted, local, scale = 7, 2, 0.25
-    q0, k0, v, q, k, geometry = _problem(9, 30, pads=[0, 4])
-    got = reference_attention(q, k, v, geometry, _string_rotation(shifted, local), scale)
-    for b in range(2):
-        for h in range(4):
-            for t in range(9):
-                i = int(geometry.query_positions[b, t])
-                logits = []
-                for s in range(30):
-                    j = int(geometry.key_positions[b, s])
-                    if not bool(geometry.valid[b, s]) or j > i:
-                        logits.append(float("-inf"))
-                        continue
-                    d = i - j
-                    relative = d if d < shifted else d - shifted + local
-                    qr = _hf_rope(q0[b:b + 1, h:h + 1, t:t + 1], torch.tensor([[j + relative]]))
-                    kr = _hf_rope(k0[b:b + 1, h // 2:h // 2 + 1, s:s + 1], torch.tensor([[j]]))
-                    logits.append(float((qr * kr).sum()) * scale)
-                expected = torch.softmax(torch.tensor(logits), dim=0) @ v[b, h // 2]
-                torch.testing.assert_close(got[b, t, h], expected, atol=2e-5, rtol=1e-4)
+    shifted, local = 7, 2
+    check_pair_by_pair(_string_rotation(shifted, local),
+                       lambda i, j: (i, j) if i - j < shifted else (j + (i - j) - shifted + local, j))
 
 
 @pytest.mark.parametrize("n_queries, n_keys", [(70, 70), (1, 70), (13, 70), (40, 90)])

@@ -8,7 +8,7 @@ does not know are ignored, as OpenAI's own clients may send new ones.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -38,12 +38,6 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-def _unsupported(value, default, what: str):
-    if value is not None and value != default:
-        raise ValueError(f"{what} is not supported by this server")
-    return value
-
-
 class Sampling(Strict):
     """What both endpoints share."""
 
@@ -60,20 +54,19 @@ class Sampling(Strict):
     frequency_penalty: float | None = None
     logprobs: bool | int | None = None
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value):
-        return _unsupported(value, 1, "n other than 1")
+    # OpenAI's fields this server cannot honour: field -> (the values that ask for nothing, what to call it)
+    REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "n": ((None, 1), "n other than 1"), "presence_penalty": ((None, 0), "a non-zero presence_penalty"),
+        "frequency_penalty": ((None, 0), "a non-zero frequency_penalty"), "logprobs": ((None, False), "logprobs"),
+        "tools": ((None, []), "tools"), "echo": ((None, False), "echo"), "best_of": ((None, 1), "best_of other than 1"),
+        "suffix": ((None, ""), "suffix")}
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value):
-        return _unsupported(value, 0, "a non-zero presence or frequency penalty")
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        return _unsupported(value, False, "logprobs")
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name, (neutral, what) in self.REFUSED.items():
+            if getattr(self, name, None) not in neutral:
+                raise ValueError(f"{what}: not supported by this server")
+        return self
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -86,13 +79,6 @@ class ChatCompletionRequest(Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     tools: list | None = None
     response_format: dict | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError("tools are not supported by this server")
-        return value
 
     @field_validator("response_format")
     @classmethod
@@ -113,23 +99,6 @@ class CompletionRequest(Sampling):
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        return _unsupported(value, False, "echo")
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value):
-        return _unsupported(value, 1, "best_of other than 1")
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("suffix is not supported by this server")
-        return value
 
 
 class PlanInfo(BaseModel):
