@@ -188,5 +188,10 @@ def test_string_requests_and_their_prefix_entries_are_their_own():
     assert engine.prefix.find(("string", 1, 21, None, 10), ids[0, :-1])[1] == 48
     with pytest.raises(ValueError):
         RequestPlanner(model, 4, 8, method="string")
+    with pytest.raises(ValueError, match="STRING's settings"):
+        RequestPlanner(model, shifted_offset=20)
+    with pytest.raises(ValueError, match="smaller than shifted_offset"):
+        RequestPlanner(model, method="string", shifted_offset=20, local_window=20)
+    assert RequestPlanner(model, method="string", shifted_offset=30, local_window=3).plan(40).window_size == 30
     assert selfextend_planner.plan(54).method == "selfextend"
     loop.close()

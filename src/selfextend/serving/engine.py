@@ -47,15 +47,20 @@ class RequestPlanner:
     start (a method, or G and W)."""
 
     def __init__(self, model: PreTrainedModel, group_size: int | None = None, window_size: int | None = None,
-                 effective_length: int | None = None, method: str = "auto"):
+                 effective_length: int | None = None, method: str = "auto", shifted_offset: int | None = None,
+                 local_window: int | None = None):
         if (group_size is None) != (window_size is None):
             raise ValueError("give both group size and window, or neither to have them planned per request")
         if group_size is not None and (effective_length is not None or method == "string"):
             raise ValueError("a fixed group size and window are SelfExtend's: give no effective length or STRING")
         if method not in ("auto", "selfextend", "string"):
             raise ValueError(f"unknown method {method!r}: choose auto, selfextend or string")
+        if method != "string" and (shifted_offset is not None or local_window is not None):
+            raise ValueError("a shifted offset and local window are STRING's settings: give method 'string'")
         self.train_length = training_length(model)
         self.method = method
+        self.string = (SelfExtendConfig.string(self.train_length, shifted_offset, local_window) if method == "string"
+                       else None)
         self.fixed = (group_size, window_size) if group_size is not None else None
         self.profile, self.effective_length, self.source = (None, None, None) if self.fixed else \
             measured(model, effective_length)
@@ -72,8 +77,7 @@ class RequestPlanner:
             if total_length > self.limit:
                 raise InputTooLongError(f"{total_length} tokens are past the training length {self.limit}, and "
                                         "STRING (this server's --method) does not extend past it")
-            return string_plan(SelfExtendConfig.string(self.train_length), total_length,
-                               "given when the server started")
+            return string_plan(self.string, total_length, "given when the server started")
         if self.fixed is None:
             if self.method == "auto":
                 return choose(self.train_length, total_length, self.profile, self.effective_length, self.source)

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="auto", choices=["auto", "selfextend", "string"],
                         help="position map per request: auto (SelfExtend, or STRING inside the training length where "
                              "the profile measured it better), selfextend, or string (inside the training length)")
+    parser.add_argument("--shifted-offset", type=int, metavar="S", help="STRING's S (default: training length / 3)")
+    parser.add_argument("--local-window", type=int, metavar="w", help="STRING's w (default 128)")
     parser.add_argument("--effective-length", type=int, metavar="E",
                         help="plan against this length instead of the model's measured profile")
     parser.add_argument("--chat-template", help="Jinja chat template file, for models without one")
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = models.load_tokenizer(source)
     model = models.load_model(source, device=args.device, dtype=args.dtype)
     try:
-        planner = RequestPlanner(model, args.group_size, args.window, args.effective_length, args.method)
+        planner = RequestPlanner(model, args.group_size, args.window, args.effective_length, args.method,
+                                 args.shifted_offset, args.local_window)
     except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
     engine = Engine(model, tokenizer, planner, Metrics(), chunk_size=args.chunk_size, max_queue=args.max_queue,
