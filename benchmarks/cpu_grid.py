@@ -1,0 +1,156 @@
+"""SelfExtend ÷ vanilla SDPA on CPU over a grid of model shapes: prefill time and peak memory, decode step.
+
+Every measurement runs in its own fresh process, and the two methods alternate (vanilla, SelfExtend,
+vanilla, SelfExtend, …) so that drift in the machine's speed hits both alike; each cell reports the
+median of its repeats and the ratio of medians. The model is a 2-layer Llama whose cost is dominated by
+attention: 8 query heads of the given head dim, 8 / GQA key-value heads.
+
+    python benchmarks/cpu_grid.py                          # the 8K grid: head dim × GQA × (G, W)
+    python benchmarks/cpu_grid.py --preset long            # Llama-, Qwen- and Gemma-like shapes at 32K and 64K
+    python benchmarks/cpu_grid.py --preset smoke           # seconds: checks the script itself
+    python benchmarks/cpu_grid.py --json after.json --compare before.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+HEADS = 8
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: a shape, SelfExtend's G and W, and the phase (prefill of n tokens, or decode at n)."""
+
+    head_dim: int
+    gqa: int
+    group: int
+    window: int
+    tokens: int
+    phase: str = "prefill"
+    train: int = 16384  # max_position_embeddings of the model; SelfExtend's limit must cover the tokens
+
+    @property
+    def label(self) -> str:
+        return f"{self.phase} d={self.head_dim} gqa={self.gqa} G={self.group} W={self.window} n={self.tokens}"
+
+
+def grid(preset: str) -> list[Cell]:
+    if preset == "smoke":
+        return [Cell(64, 2, 4, 128, 1024, train=512), Cell(64, 2, 4, 128, 1024, "decode", train=512)]
+    if preset == "long":  # head dim, GQA of Llama-3-8B (128, 4), Qwen2.5-7B (128, 7 → 8), Gemma 3 (256, 4)
+        shapes = [(128, 4, 8, 2048), (128, 8, 8, 4096), (256, 4, 4, 1024)]
+        cells = [Cell(d, g, G, W, n, train=32768) for d, g, G, W in shapes for n in (32768, 65536)]
+        return cells + [Cell(d, g, G, W, n, "decode", train=32768) for d, g, G, W in shapes for n in (16384, 65536)]
+    settings = [(4, 512), (8, 2048), (16, 4096), (16, 8192)]
+    return [Cell(d, g, G, W, 8192, train=4096 if W < 4096 else 12288)
+            for d, g, (G, W) in itertools.product((64, 128, 256), (1, 4, 8), settings)]
+
+
+def _model(cell: Cell, method: str):
+    import torch
+    import transformers
+
+    import selfextend
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=HEADS * cell.head_dim, intermediate_size=512,
+                                      num_hidden_layers=2, num_attention_heads=HEADS,
+                                      num_key_value_heads=HEADS // cell.gqa, head_dim=cell.head_dim,
+                                      max_position_embeddings=cell.train)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    if method == "selfextend":
+        selfextend.apply(model, cell.group, cell.window)
+    return model
+
+
+def measure(cell: Cell, method: str, steps: int = 16) -> dict:
+    """One measurement in this process: seconds (per step for decode) and peak RSS growth in MiB."""
+    import torch
+
+    with torch.inference_mode():
+        model = _model(cell, method)
+        ids = torch.randint(0, 256, (1, cell.tokens), generator=torch.Generator().manual_seed(0))
+        model(ids[:, :256])  # warm-up
+        base = _rss_mib()
+        if cell.phase == "prefill":
+            start = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            seconds = time.perf_counter() - start
+        else:
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            model(token, past_key_values=cache, use_cache=True)  # warm-up step
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            seconds = (time.perf_counter() - start) / steps
+    return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _in_process(cell: Cell, method: str) -> dict:
+    command = [sys.executable, __file__, "--one", json.dumps(asdict(cell)), method]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+
+def run(cell: Cell, repeats: int) -> dict:
+    """Vanilla and SelfExtend alternating `repeats` times; medians and their ratios."""
+    runs = {"vanilla": [], "selfextend": []}
+    for _ in range(repeats):
+        for method in runs:
+            runs[method].append(_in_process(cell, method))
+    median = {m: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_mib")} for m, rs in runs.items()}
+    return {"cell": asdict(cell), **median,
+            "time_ratio": median["selfextend"]["seconds"] / median["vanilla"]["seconds"],
+            "memory_ratio": median["selfextend"]["peak_mib"] / max(median["vanilla"]["peak_mib"], 1e-9),
+            "all_time_ratios": [s["seconds"] / v["seconds"] for v, s in zip(runs["vanilla"], runs["selfextend"])]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="8k", choices=["8k", "long", "smoke"])
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per method and cell")
+    parser.add_argument("--json", help="write every cell's figures here")
+    parser.add_argument("--compare", help="a --json file of an earlier run: print its time ratio beside")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(Cell(**json.loads(args.one[0])), args.one[1])))
+        return
+    before = {}
+    if args.compare:
+        before = {Cell(**r["cell"]).label: r for r in json.load(open(args.compare))}
+    results = []
+    print(f"{'cell':<56} {'vanilla':>9} {'SE':>9} {'time ×':>7} {'mem ×':>6}" + (f" {'before ×':>9}" if before else ""))
+    for cell in grid(args.preset):
+        result = run(cell, args.repeats)
+        results.append(result)
+        unit, scale = ("ms", 1e3) if cell.phase == "decode" else ("s", 1)
+        line = (f"{cell.label:<56} {result['vanilla']['seconds'] * scale:>7.2f}{unit:<2} "
+                f"{result['selfextend']['seconds'] * scale:>7.2f}{unit:<2} {result['time_ratio']:>7.2f} "
+                f"{result['memory_ratio']:>6.2f}")
+        if before:
+            old = before.get(cell.label)
+            line += f" {old['time_ratio']:>9.2f}" if old else f" {'-':>9}"
+        print(line, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
