@@ -3,10 +3,11 @@
 Every measurement runs in its own fresh process, and the two methods alternate (vanilla, SelfExtend,
 vanilla, SelfExtend, …) so that drift in the machine's speed hits both alike; each cell reports the
 median of its repeats and the ratio of medians. The model is a 2-layer Llama whose cost is dominated by
-attention: 8 query heads of the given head dim, 8 / GQA key-value heads.
+attention: 8 query heads of the given head dim, 8 / (q/kv) key-value heads.
 
     python benchmarks/cpu_grid.py                          # the 8K grid: head dim × GQA × (G, W)
     python benchmarks/cpu_grid.py --preset long            # Llama-, Qwen- and Gemma-like shapes at 32K and 64K
+    python benchmarks/cpu_grid.py --preset classic         # the 8 × 64 shape of the README's first table
     python benchmarks/cpu_grid.py --preset smoke           # seconds: checks the script itself
     python benchmarks/cpu_grid.py --json after.json --compare before.json
 """
@@ -40,10 +41,13 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.phase} d={self.head_dim} gqa={self.gqa} G={self.group} W={self.window} n={self.tokens}"
+        return f"{self.phase} d={self.head_dim} q/kv={self.gqa} G={self.group} W={self.window} n={self.tokens}"
 
 
 def grid(preset: str) -> list[Cell]:
+    if preset == "classic":  # the README's earlier table: 8 × 64, 2 key-value heads, L = 4096, G = 16, W = 1024
+        return [Cell(64, 4, 16, 1024, n, train=4096) for n in (4096, 8192, 16384, 32768)] + \
+            [Cell(64, 4, 16, 1024, 16384, "decode", train=4096)]
     if preset == "smoke":
         return [Cell(64, 2, 4, 128, 1024, train=512), Cell(64, 2, 4, 128, 1024, "decode", train=512)]
     if preset == "long":  # head dim, GQA of Llama-3-8B (128, 4), Qwen2.5-7B (128, 7 → 8), Gemma 3 (256, 4)
@@ -122,7 +126,7 @@ def run(cell: Cell, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="8k", choices=["8k", "long", "smoke"])
+    parser.add_argument("--preset", default="8k", choices=["8k", "long", "classic", "smoke"])
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per method and cell")
     parser.add_argument("--json", help="write every cell's figures here")
     parser.add_argument("--compare", help="a --json file of an earlier run: print its time ratio beside")
