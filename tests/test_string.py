@@ -229,3 +229,21 @@ def test_compare_runs_both_methods_on_the_same_probes():
         compare(model, tokenizer, profile, probes, lengths=[200], progress=False)
     with pytest.raises(CalibrationError, match="nothing to compare"):
         compare(model, tokenizer, _profile(effective=128, train=128), probes, progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_static_cache_and_packed_sequences(family):
+    """What the run-everywhere work added holds for STRING too: static cache, packed sequences."""
+    model = _string(make_model(family))
+    oracle = selfextend.apply(make_model(family), method="string", shifted_offset=S, local_window=w,
+                              backend="reference")
+    ids = _ids(50)
+    with torch.no_grad():
+        static = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, cache_implementation="static")
+        assert torch.equal(static, model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0))
+        assert torch.equal(static, oracle.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0))
+        parts = [_ids(n, seed=k) for k, n in enumerate((40, 60))]
+        positions = torch.cat([torch.arange(p.shape[1]) for p in parts])[None]
+        packed = model(torch.cat(parts, dim=1), position_ids=positions).logits
+        torch.testing.assert_close(packed[:, :40], model(parts[0]).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[:, 40:], model(parts[1]).logits, atol=1e-5, rtol=1e-5)
