@@ -10,8 +10,8 @@ from pathlib import Path
 
 from . import models
 from .config import SelfExtendConfig, training_length
-from .integration import apply, settings
-from .planning import InputTooLongError, Plan, choose_for, find_profile, plan_for, string_plan
+from .integration import apply_plan, settings
+from .planning import InputTooLongError, Plan, choose_for, find_profile, plan_for, plan_with, string_plan
 from .rotary import UnsupportedModelError, rope_parameters_of
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -89,20 +89,20 @@ def _string_settings(args, model_or_config, length: int) -> SelfExtendConfig:
         raise CommandError(str(error)) from error
 
 
-def _settings(args, model, length: int) -> tuple[str, int, int, int | None, int | None, str]:
-    """Method, G (or 1), W (or STRING's S), the E they were planned against (None when given by hand),
-    STRING's w (or None), and why."""
+def _settings(args, model_or_config, length: int) -> Plan:
+    """The plan for `length` tokens: STRING's with --method string, G and W given by hand, or the planner's."""
+    if args.method == "string":
+        return string_plan(_string_settings(args, model_or_config, length), length, "given (--method string)")
     if args.shifted_offset is not None or args.local_window is not None:
         raise CommandError("--shifted-offset and --local-window are STRING's settings: add --method string")
-    if (args.group_size is None) != (args.window is None):
+    group, window = getattr(args, "group_size", None), getattr(args, "window", None)
+    if (group is None) != (window is None):
         raise CommandError("give both --group-size and --window, or neither to have them planned")
-    if args.group_size is not None:
+    if group is not None:
         if args.effective_length is not None:
             raise CommandError("--effective-length plans G and W: give it or --group-size/--window, not both")
-        return "selfextend", args.group_size, args.window, None, None, "given"
-    chosen = _plan(model, length, args.effective_length, args.method)
-    return (chosen.method, chosen.group_size, chosen.window_size, chosen.effective_length, chosen.local_window,
-            chosen.reason)
+        return plan_with(training_length(model_or_config), length, group, window, "given")
+    return _plan(model_or_config, length, args.effective_length, args.method)
 
 
 def cmd_generate(args) -> None:
@@ -120,22 +120,15 @@ def cmd_generate(args) -> None:
     ids = _prompt_ids(tokenizer, text, question, args.chat).to(args.device)
     n = ids.shape[1]
     train_length = training_length(model)
-    if args.method == "string":
-        chosen = _string_settings(args, model, n + args.max_new_tokens)
-        apply(model, method="string", shifted_offset=chosen.window_size, local_window=chosen.local_window)
-        described = f"STRING S={chosen.window_size}, w={chosen.local_window}, limit {train_length}"
-    else:
-        method, group, window, effective, local, why = _settings(args, model, n + args.max_new_tokens)
-        try:
-            if method == "string":
-                apply(model, method="string", shifted_offset=window, local_window=local)
-            else:
-                apply(model, group, window, effective_length=effective)
-        except (UnsupportedModelError, ValueError, TypeError) as error:
-            raise CommandError(str(error)) from error
-        described = (f"STRING S={window}, w={local}" if method == "string" else f"G={group}, W={window}") + \
-            f", limit {settings(model).max_length} ({why})"
-    print(f"[selfextend] {n} prompt tokens, training length {train_length}: {described}; "
+    chosen = _settings(args, model, n + args.max_new_tokens)
+    try:
+        apply_plan(model, chosen)
+    except (UnsupportedModelError, ValueError, TypeError) as error:
+        raise CommandError(str(error)) from error
+    described = (f"STRING S={chosen.window_size}, w={chosen.local_window}" if chosen.method == "string" else
+                 f"G={chosen.group_size}, W={chosen.window_size}")
+    print(f"[selfextend] {n} prompt tokens, training length {train_length}: {described}, limit "
+          f"{settings(model).max_length} ({chosen.reason}); "
           f"model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     prefill_start = time.perf_counter()
     cache = prefill(model, ids, args.chunk_size, progress=not args.quiet)
@@ -160,15 +153,11 @@ def cmd_plan(args) -> None:
             raise CommandError("give --length N or --input FILE")
         tokenizer = models.load_tokenizer(source)
         args.length = len(tokenizer(_read_input(args.input)).input_ids)
-    if args.method == "string":
-        config = _string_settings(args, models.load_config(source), args.length)
-        chosen = string_plan(config, args.length, "given (--method string)")
-    else:
-        if args.shifted_offset is not None or args.local_window is not None:
-            raise CommandError("--shifted-offset and --local-window are STRING's settings: add --method string")
-        # the model's weights identify its measured profile; a given E needs only the config
-        model = models.load_model(source) if args.effective_length is None else models.load_config(source)
-        chosen = _plan(model, args.length, args.effective_length, args.method)
+    # the model's weights identify its measured profile; STRING, a given E (or a flag error) need only the config
+    needs_weights = args.method != "string" and args.effective_length is None and \
+        args.shifted_offset is None and args.local_window is None
+    model = models.load_model(source) if needs_weights else models.load_config(source)
+    chosen = _settings(args, model, args.length)
     if args.json:
         print(json.dumps(chosen.as_dict()))
         return

@@ -19,7 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import KVLayout, layout_mask, resolve_backend, resolve_geometry, sequence_starts, split_sequences
 from .config import SelfExtendConfig, training_length
-from .planning import InputTooLongError, plan, plan_for
+from .planning import InputTooLongError, Plan, plan, plan_for
 from .rotary import GroupedRotation, UnsupportedModelError, find_rope
 
 ATTENTION_NAME = "selfextend"
@@ -168,6 +168,15 @@ def apply(
         )
     setattr(model.config, CONFIG_KEY, _saved(config))
     return model
+
+
+def apply_plan(model: nn.Module, chosen: Plan, backend: str = "auto") -> nn.Module:
+    """Apply what a plan chose: STRING's S and w, or SelfExtend's G and W (with the E they were planned against)."""
+    if chosen.method == "string":
+        return apply(model, method="string", shifted_offset=chosen.window_size, local_window=chosen.local_window,
+                     backend=backend)
+    return apply(model, chosen.group_size, chosen.window_size, effective_length=chosen.effective_length,
+                 backend=backend)
 
 
 def _string_config(train_length: int, group_size, window_size, shifted_offset: int | None,

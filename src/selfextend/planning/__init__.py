@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import training_length
 from .choice import choose, string_plan
-from .plan import MAX_GROUP, InputTooLongError, Plan, check_effective_length, longest_input, plan
+from .plan import MAX_GROUP, InputTooLongError, Plan, check_effective_length, longest_input, plan, plan_with
 from .profiles import Profile, ProfileError, find_profile, load_profile, model_identity, profile_dir, save_profile
 
 
@@ -41,6 +41,6 @@ def choose_for(model: nn.Module, input_length: int, effective_length: int | None
     return choose(training_length(model), input_length, profile, effective, source)
 
 
-__all__ = ["MAX_GROUP", "InputTooLongError", "Plan", "Profile", "ProfileError", "check_effective_length",
-           "choose", "choose_for", "effective_length_of", "measured", "string_plan", "find_profile", "longest_input", "load_profile", "model_identity", "plan", "plan_for",
-           "profile_dir", "save_profile"]
+__all__ = ["MAX_GROUP", "InputTooLongError", "Plan", "Profile", "ProfileError", "check_effective_length", "choose",
+           "choose_for", "effective_length_of", "find_profile", "load_profile", "longest_input", "measured",
+           "model_identity", "plan", "plan_for", "plan_with", "profile_dir", "save_profile", "string_plan"]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..config import training_length
 from ..evaluation.tasks import TASKS, is_correct
 from ..inference import respond
-from ..integration import apply, remove, settings
+from ..integration import apply, apply_plan, remove, settings
 from .plan import plan
 from .profiles import Profile, model_identity
 
@@ -103,8 +103,7 @@ def compare(model: nn.Module, tokenizer, profile: Profile, probes: Probes = Prob
                 if method == "string":
                     apply(model, method="string", input_length=length)
                 else:
-                    chosen = plan(profile.train_length, length, profile.effective_length)
-                    apply(model, chosen.group_size, chosen.window_size, effective_length=chosen.effective_length)
+                    apply_plan(model, plan(profile.train_length, length, profile.effective_length))
                 correct = 0
                 try:
                     for index, depth in enumerate(probes.depths):

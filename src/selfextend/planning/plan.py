@@ -66,6 +66,15 @@ def check_effective_length(train_length: int, effective_length: int) -> int:
     return effective_length
 
 
+def plan_with(train_length: int, target_length: int, group_size: int, window_size: int, reason: str,
+              effective_length: int | None = None, effective_source: str | None = None) -> Plan:
+    """The plan of a chosen G and W (by the rule below, or given by hand), with what they allow."""
+    return Plan(train_length, target_length, group_size, window_size,
+                extended_limit(train_length, group_size, window_size),
+                largest_position_used(target_length, group_size, window_size), reason, effective_length,
+                effective_source)
+
+
 def longest_input(train_length: int, effective_length: int | None = None) -> int:
     """The most tokens `plan` accepts: G = MAX_GROUP with W = P/16, every position inside L."""
     length = effective_length or train_length
@@ -95,8 +104,7 @@ def plan(train_length: int, target_length: int, effective_length: int | None = N
             if effective_length else f"training length L = {length}")
 
     def made(group: int, window: int, reason: str) -> Plan:
-        return Plan(train_length, target_length, group, window, extended_limit(train_length, group, window),
-                    largest_position_used(target_length, group, window), reason, effective_length, effective_source)
+        return plan_with(train_length, target_length, group, window, reason, effective_length, effective_source)
 
     window = length // WINDOW_DIVISOR
     if target_length <= length:

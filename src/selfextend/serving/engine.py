@@ -23,10 +23,10 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..config import training_length
 from ..inference import answer, pad_id, prefill, sampling
-from ..integration import apply, settings as applied_settings
+from ..integration import apply_plan, settings as applied_settings
 from ..config import SelfExtendConfig
-from ..planning import InputTooLongError, Plan, choose, longest_input, measured, plan, string_plan
-from ..positions import extended_limit, largest_position_used
+from ..planning import InputTooLongError, Plan, choose, longest_input, measured, plan, plan_with, string_plan
+from ..positions import extended_limit
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, Recorder, restore
 from .text import Detokenizer
@@ -86,8 +86,7 @@ class RequestPlanner:
         if total_length > self.limit:
             raise InputTooLongError(f"{total_length} tokens exceed the limit (L - W)·G + W = {self.limit} of the "
                                     f"server's G={group}, W={window}")
-        return Plan(self.train_length, total_length, group, window, self.limit,
-                    largest_position_used(total_length, group, window), "given when the server started")
+        return plan_with(self.train_length, total_length, group, window, "given when the server started")
 
 
 @dataclass
@@ -257,12 +256,8 @@ class Engine:
         current = applied_settings(self.model)
         now = None if current is None else (current.method, current.group_size, current.window_size,
                                             current.effective_length, current.local_window)
-        if now == _settings_of(chosen):
-            return
-        if chosen.method == "string":
-            apply(self.model, method="string", shifted_offset=chosen.window_size, local_window=chosen.local_window)
-        else:
-            apply(self.model, chosen.group_size, chosen.window_size, effective_length=chosen.effective_length)
+        if now != _settings_of(chosen):
+            apply_plan(self.model, chosen)
 
     def _run(self, job: Job) -> Result:
         p, metrics = job.params, self.metrics
