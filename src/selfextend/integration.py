@@ -10,15 +10,18 @@ reloaded model restores them.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .attention import KVLayout, layout_mask, resolve_backend, resolve_geometry, sequence_starts, split_sequences
+from .attention import (KVLayout, grouped_key_count, layout_mask, resolve_backend, resolve_geometry, sequence_starts,
+                        split_sequences)
 from .config import SelfExtendConfig, training_length
+from .grouped_keys import GroupedKeys, cache_layer
 from .planning import InputTooLongError, Plan, plan, plan_for
 from .rotary import GroupedRotation, UnsupportedModelError, find_rope
 
@@ -26,13 +29,29 @@ ATTENTION_NAME = "selfextend"
 _STATE = "selfextend_state"
 CONFIG_KEY = "selfextend"  # the settings as saved in config.json
 _PREVIOUS = "_selfextend_previous_attn_implementation"
+_HOOK = "_selfextend_hook"
+_KEPT = "_selfextend_kept_keys"  # this call's GroupedKeys, set by the forward pre-hook
 
 
 @dataclass
 class _State:
     config: SelfExtendConfig
     rotation: GroupedRotation
+    keep_grouped_keys: bool = True
+    kept: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # cache layer -> GroupedKeys
     warned_long: bool = False
+
+
+def _find_kept_keys(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: the grouped keys kept for the cache layer this call will update, if any."""
+    state: _State | None = getattr(module, _STATE, None)
+    kept = None
+    layer = cache_layer(kwargs.get("past_key_values"), module.layer_idx)
+    if state is not None and state.keep_grouped_keys and layer is not None and not torch.compiler.is_compiling():
+        kept = state.kept.get(layer)
+        if kept is None or not kept.holds(getattr(layer, "keys", None)):
+            kept = state.kept[layer] = GroupedKeys()
+    setattr(module, _KEPT, kept)
 
 
 def _attention_forward(
@@ -58,18 +77,26 @@ def _attention_forward(
     backend = resolve_backend(state.config.backend, query.device)
     window = sliding_window or (attention_mask.local_window if attention_mask is not None else None)
 
-    def attend(q, k, v, geometry):
+    kept: GroupedKeys | None = getattr(module, _KEPT, None)
+    setattr(module, _KEPT, None)  # the cache layer may go away: keep no reference past this call
+
+    def attend(q, k, v, geometry, kept=None):
         if window is not None:
             return backend.local(q, k, v, geometry, window, scale)
         _warn_if_too_long(state, geometry)
-        return backend.selfextend(q, k, v, geometry, state.rotation, scale)
+        key_grouped = None
+        n_grouped = grouped_key_count(geometry, q.shape[2], k.shape[2], state.rotation.window_size)
+        if kept is not None and n_grouped and geometry.valid is None and q.shape[0] == 1:
+            key_grouped = kept.extend(k, geometry, state.rotation, n_grouped)
+        return backend.selfextend(q, k, v, geometry, state.rotation, scale, key_grouped)
 
     b, n, m = query.shape[0], query.shape[2], key.shape[2]
     layout = attention_mask or KVLayout(q_offset=m - n, kv_offset=0)
     starts = sequence_starts(layout, position_ids, b, n, m, query.device, kwargs.get("cu_seq_lens_q"))
     runs = split_sequences(starts)
     if runs is None:
-        return attend(query, key, value, resolve_geometry(layout, None, b, n, m, query.device, starts)), None
+        geometry = resolve_geometry(layout, None, b, n, m, query.device, starts)
+        return attend(query, key, value, geometry, kept), None
     out = query.new_empty(b, n, query.shape[1], query.shape[3])
     for row, t0, t1 in runs:  # packed: each sequence on its own, over its own keys only
         start = starts[row:row + 1, t0:t1]
@@ -114,7 +141,7 @@ def _attention_modules(model: nn.Module):
 def apply(
     model: nn.Module, group_size: int | None = None, window_size: int | None = None, *, method: str = "selfextend",
     shifted_offset: int | None = None, local_window: int | None = None, backend: str = "auto",
-    input_length: int | None = None, effective_length: int | None = None,
+    input_length: int | None = None, effective_length: int | None = None, keep_grouped_keys: bool = True,
 ) -> nn.Module:
     """Switch `model` (in place) to SelfExtend attention and return it.
 
@@ -123,7 +150,8 @@ def apply(
     nothing to restore the settings saved in the model's config. Applying again replaces the settings.
     method="string" maps positions by STRING instead (shifted_offset S, default L/3; local_window w,
     default min(128, S/2)); it does not extend past the training length. Sliding-window layers keep
-    their window and RoPE.
+    their window and RoPE. keep_grouped_keys keeps each full-attention layer's grouped keys beside its
+    KV cache (one more key tensor per layer), so a decode step rotates only its new keys.
     """
     text_config = model.config.get_text_config()
     rope = find_rope(model, text_config)
@@ -151,12 +179,15 @@ def apply(
             raise ValueError("give both group_size and window_size, or neither (with input_length)")
         config = SelfExtendConfig(group_size, window_size, train_length, backend, effective_length, method)
     resolve_backend(backend, next(model.parameters()).device)  # fails early on an unknown name
-    state = _State(config, GroupedRotation(config.group_size, config.window_size, rope, config.offset))
+    state = _State(config, GroupedRotation(config.group_size, config.window_size, rope, config.offset),
+                   keep_grouped_keys)
     modules = _attention_modules(model)
     if not modules:
         raise UnsupportedModelError(f"{type(model).__name__} has no attention layers that SelfExtend recognises")
     for module in modules:
         setattr(module, _STATE, state)
+        if not hasattr(module, _HOOK):
+            setattr(module, _HOOK, module.register_forward_pre_hook(_find_kept_keys, with_kwargs=True))
     if not hasattr(model, _PREVIOUS):  # loaded with attn_implementation="selfextend": remove() goes to SDPA
         previous = model.config._attn_implementation
         setattr(model, _PREVIOUS, "sdpa" if previous == ATTENTION_NAME else previous)
@@ -207,8 +238,12 @@ def remove(model: nn.Module) -> nn.Module:
     if hasattr(model.config, CONFIG_KEY):
         delattr(model.config, CONFIG_KEY)
     for module in _attention_modules(model):
-        if hasattr(module, _STATE):
-            delattr(module, _STATE)
+        for name in (_STATE, _KEPT):
+            if hasattr(module, name):
+                delattr(module, name)
+        if hasattr(module, _HOOK):
+            getattr(module, _HOOK).remove()
+            delattr(module, _HOOK)
     return model
 
 

@@ -8,13 +8,14 @@ from typing import Callable
 import torch
 
 from . import blockwise, reference
-from .layout import Geometry, KVLayout, layout_mask, resolve_geometry, sequence_starts, split_sequences
+from .layout import (Geometry, KVLayout, grouped_key_count, layout_mask, resolve_geometry, sequence_starts,
+                     split_sequences)
 
 
 @dataclass(frozen=True)
 class Backend:
-    """selfextend(q, k, v, geometry, rotation, scale) and local(q, k, v, geometry, window, scale),
-    both returning [b, n, heads, d]."""
+    """selfextend(q, k, v, geometry, rotation, scale, key_grouped=None) and local(q, k, v, geometry, window,
+    scale), both returning [b, n, heads, d]."""
 
     selfextend: Callable[..., torch.Tensor]
     local: Callable[..., torch.Tensor]
@@ -47,5 +48,5 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     return BACKENDS[name]
 
 
-__all__ = ["BACKENDS", "Backend", "Geometry", "KVLayout", "layout_mask", "resolve_backend",
+__all__ = ["BACKENDS", "Backend", "Geometry", "KVLayout", "grouped_key_count", "layout_mask", "resolve_backend",
            "resolve_geometry", "sequence_starts", "split_sequences"]

@@ -87,11 +87,13 @@ def _attend(query, key, value, geometry, low, high, scale):
 
 def selfextend_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry: Geometry, rotation: GroupedRotation,
-    scale: float,
+    scale: float, key_grouped: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SelfExtend attention, [b, hq, n, d] queries over [b, hkv, m, d] keys; returns [b, n, hq, d]."""
+    """SelfExtend attention, [b, hq, n, d] queries over [b, hkv, m, d] keys; returns [b, n, hq, d].
+
+    Kept grouped keys serve the blockwise path (decode steps); the block-mask path rotates all keys."""
     if query.shape[2] < MIN_QUERIES or needs_grad(query, key, value):  # flex's lse carries no gradient
-        return blockwise.selfextend_attention(query, key, value, geometry, rotation, scale)
+        return blockwise.selfextend_attention(query, key, value, geometry, rotation, scale, key_grouped)
     W = rotation.window_size
     outputs, lses = [], []
     out, lse = _attend(query, key, value, geometry, 0, W, scale)

@@ -146,3 +146,8 @@ def resolve_geometry(
         after_start = key_positions >= 0
         valid = after_start if valid is None else valid & after_start
     return Geometry(shift, query_positions, key_positions, valid)
+
+
+def grouped_key_count(geometry: Geometry, n_queries: int, n_keys: int, window: int) -> int:
+    """How many keys, from index 0, some query sees at distance >= window (in grouped attention)."""
+    return max(0, min(n_keys, geometry.shift + n_queries - window))

@@ -5,16 +5,25 @@ from __future__ import annotations
 import torch
 
 
-def merge_states(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+def merge_partials(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine partial outputs [b, h, n, d] over disjoint key sets with lses [b, h, n] (-inf: no keys).
 
-    Rows with no key in any partial come out as zeros.
+    Returns the merged output in float32 and its lse, so a merged state can be merged again. Rows with no
+    key in any partial come out as zeros with lse -inf.
     """
     if len(outputs) == 1:
-        return outputs[0].float().nan_to_num(0.0) if torch.isinf(lses[0]).any() else outputs[0].float()
+        return outputs[0].float().masked_fill(lses[0].isneginf()[..., None], 0.0), lses[0]
     lse = torch.stack(lses)
     peak = lse.amax(dim=0).clamp_min(torch.finfo(torch.float32).min)
-    weights = torch.exp(lse - peak)  # [parts, b, h, n]
+    weights = torch.exp(lse - peak)[..., None]  # [parts, b, h, n, 1]
     total = weights.sum(dim=0)
-    merged = sum(w[..., None] * o.float() for w, o in zip(weights, outputs))
-    return merged / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    merged = outputs[0].float() * weights[0]
+    for weight, output in zip(weights[1:], outputs[1:]):
+        merged.addcmul_(output, weight)
+    merged.div_(total.clamp_min(torch.finfo(torch.float32).tiny))
+    return merged, peak + total.squeeze(-1).log()
+
+
+def merge_states(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+    """The merged output alone (float32), for callers that need no lse."""
+    return merge_partials(outputs, lses)[0]

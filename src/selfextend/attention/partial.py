@@ -6,11 +6,13 @@ import torch
 
 
 def attend(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of query [b, hq, n, d] over key/value [b, hkv, m, d] (GQA allowed).
 
-    mask: bool, broadcastable to [b, 1, n, m], True where attended. Returns (output [b, hq, n, d],
+    mask: bool, broadcastable to [b, 1, n, m], True where attended; or causal: query t sees keys 0..t
+    (top-left, as SDPA's is_causal), which the CPU kernel does without a mask. Returns (output [b, hq, n, d],
     lse [b, hq, n] in float32, -inf on rows that see no key). Under autograd the explicit form runs,
     since the fused kernel's lse carries no gradient and merging partials needs it.
     """
@@ -19,10 +21,17 @@ def attend(
         if mask is not None:
             float_mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, attn_mask=float_mask, scale=scale
+            query, key, value, is_causal=causal, attn_mask=float_mask, scale=scale
         )
-    else:
-        out, lse = _attend_math(query, key, value, mask, scale)
+        return _no_key_rows(out, lse, mask)
+    if causal:
+        n, m = query.shape[2], key.shape[2]
+        mask = torch.ones(n, m, dtype=torch.bool, device=query.device).tril()[None, None]
+    return _no_key_rows(*_attend_math(query, key, value, mask, scale), mask)
+
+
+def _no_key_rows(out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None):
+    """Rows whose mask hides every key: output 0 and lse -inf, whatever the kernel left there."""
     if mask is not None:
         sees_a_key = mask.any(dim=-1)
         lse = lse.masked_fill(~sees_a_key, float("-inf"))

@@ -11,10 +11,12 @@ from .layout import Geometry
 
 def reference_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry: Geometry,
-    rotation: GroupedRotation | None, scale: float, local_window: int | None = None,
+    rotation: GroupedRotation | None, scale: float, key_grouped: torch.Tensor | None = None,
+    local_window: int | None = None,
 ) -> torch.Tensor:
     """Eager attention: neighbor logits at RoPE positions (i, j), grouped logits at the grouped positions,
-    one softmax per row. With local_window set it is plain sliding-window attention. Returns [b, n, h, d]."""
+    one softmax per row. With local_window set it is plain sliding-window attention. Returns [b, n, h, d].
+    Kept grouped keys (key_grouped) are ignored: the oracle rotates from scratch."""
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1).float()
     value = value.repeat_interleave(groups, dim=1).float()
