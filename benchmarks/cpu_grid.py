@@ -10,6 +10,10 @@ attention: 8 query heads of the given head dim, 8 / (q/kv) key-value heads.
     python benchmarks/cpu_grid.py --preset classic         # the 8 × 64 shape of the README's first table
     python benchmarks/cpu_grid.py --preset smoke           # seconds: checks the script itself
     python benchmarks/cpu_grid.py --json after.json --compare before.json
+    python benchmarks/cpu_grid.py --before /tmp/old   # also SelfExtend from an older checkout, in the same rounds
+
+With --before, each round runs vanilla, this checkout's SelfExtend and the older checkout's (its src/ put
+first on PYTHONPATH), so the before/after ratios come from the same minutes of the same machine.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -106,22 +111,31 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _in_process(cell: Cell, method: str) -> dict:
+def _in_process(cell: Cell, method: str, before: str | None = None) -> dict:
+    env = dict(os.environ)
+    if method == "before":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(before, "src"), env.get("PYTHONPATH")]))
+        method = "selfextend"
     command = [sys.executable, __file__, "--one", json.dumps(asdict(cell)), method]
-    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    return json.loads(done.stdout.splitlines()[-1])
 
 
-def run(cell: Cell, repeats: int) -> dict:
-    """Vanilla and SelfExtend alternating `repeats` times; medians and their ratios."""
-    runs = {"vanilla": [], "selfextend": []}
+def run(cell: Cell, repeats: int, before: str | None = None) -> dict:
+    """Vanilla and SelfExtend (and the older SelfExtend) alternating `repeats` times; medians and ratios."""
+    runs = {"vanilla": [], "selfextend": [], **({"before": []} if before else {})}
     for _ in range(repeats):
         for method in runs:
-            runs[method].append(_in_process(cell, method))
+            runs[method].append(_in_process(cell, method, before))
     median = {m: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_mib")} for m, rs in runs.items()}
-    return {"cell": asdict(cell), **median,
-            "time_ratio": median["selfextend"]["seconds"] / median["vanilla"]["seconds"],
-            "memory_ratio": median["selfextend"]["peak_mib"] / max(median["vanilla"]["peak_mib"], 1e-9),
-            "all_time_ratios": [s["seconds"] / v["seconds"] for v, s in zip(runs["vanilla"], runs["selfextend"])]}
+    result = {"cell": asdict(cell), **median,
+              "time_ratio": median["selfextend"]["seconds"] / median["vanilla"]["seconds"],
+              "memory_ratio": median["selfextend"]["peak_mib"] / max(median["vanilla"]["peak_mib"], 1e-9),
+              "all_time_ratios": [s["seconds"] / v["seconds"] for v, s in zip(runs["vanilla"], runs["selfextend"])]}
+    if before:
+        result["before_time_ratio"] = median["before"]["seconds"] / median["vanilla"]["seconds"]
+        result["before_memory_ratio"] = median["before"]["peak_mib"] / max(median["vanilla"]["peak_mib"], 1e-9)
+    return result
 
 
 def main() -> None:
@@ -130,6 +144,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per method and cell")
     parser.add_argument("--json", help="write every cell's figures here")
     parser.add_argument("--compare", help="a --json file of an earlier run: print its time ratio beside")
+    parser.add_argument("--before", help="an older checkout (git worktree) whose SelfExtend runs in the same rounds")
+    parser.add_argument("--cells", help="only the cells whose label contains this text")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -139,14 +155,19 @@ def main() -> None:
     if args.compare:
         before = {Cell(**r["cell"]).label: r for r in json.load(open(args.compare))}
     results = []
-    print(f"{'cell':<56} {'vanilla':>9} {'SE':>9} {'time ×':>7} {'mem ×':>6}" + (f" {'before ×':>9}" if before else ""))
+    print(f"{'cell':<56} {'vanilla':>9} {'SE':>9} {'time ×':>7} {'mem ×':>6}"
+          + (f" {'before ×':>9} {'mem ×':>6}" if args.before else "") + (f" {'earlier ×':>9}" if before else ""))
     for cell in grid(args.preset):
-        result = run(cell, args.repeats)
+        if args.cells and args.cells not in cell.label:
+            continue
+        result = run(cell, args.repeats, args.before)
         results.append(result)
         unit, scale = ("ms", 1e3) if cell.phase == "decode" else ("s", 1)
         line = (f"{cell.label:<56} {result['vanilla']['seconds'] * scale:>7.2f}{unit:<2} "
                 f"{result['selfextend']['seconds'] * scale:>7.2f}{unit:<2} {result['time_ratio']:>7.2f} "
                 f"{result['memory_ratio']:>6.2f}")
+        if args.before:
+            line += f" {result['before_time_ratio']:>9.2f} {result['before_memory_ratio']:>6.2f}"
         if before:
             old = before.get(cell.label)
             line += f" {old['time_ratio']:>9.2f}" if old else f" {'-':>9}"
