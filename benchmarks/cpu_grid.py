@@ -96,14 +96,26 @@ def measure(cell: Cell, method: str, steps: int = 16) -> dict:
             model(ids, logits_to_keep=1)
             seconds = time.perf_counter() - start
         else:
-            out = model(ids, use_cache=True, logits_to_keep=1)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, token = _filled_cache(model, cell), ids[:, -1:]
             model(token, past_key_values=cache, use_cache=True)  # warm-up step
             start = time.perf_counter()
             for _ in range(steps):
                 token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             seconds = (time.perf_counter() - start) / steps
     return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base}
+
+
+def _filled_cache(model, cell: Cell):
+    """A KV cache of cell.tokens random keys and values per layer: a decode step's cost does not depend on
+    what the cache holds, and filling it by a prefill would take minutes at 64K."""
+    import torch
+    from transformers import DynamicCache
+
+    cache, generator = DynamicCache(config=model.config), torch.Generator().manual_seed(1)
+    shape = (1, HEADS // cell.gqa, cell.tokens, cell.head_dim)
+    for layer in range(model.config.num_hidden_layers):
+        cache.update(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator), layer)
+    return cache
 
 
 def _rss_mib() -> float:

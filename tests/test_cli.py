@@ -9,7 +9,7 @@ import transformers
 
 from selfextend import cli
 from selfextend.samples import passkey_sample
-from conftest import COMMON, TRAIN_LENGTH
+from conftest import TRAIN_LENGTH
 
 
 def run(capsys, *argv):

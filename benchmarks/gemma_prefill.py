@@ -1,0 +1,95 @@
+"""Prefill speed of the embedded Gemma 3 270M: vanilla (SDPA) against SelfExtend, tokens per second.
+
+The same loop `selfextend generate` runs (inference.prefill, 2048-token chunks over a DynamicCache), on
+a passkey document of the given length, with G and W planned as `generate` plans them. Each measurement
+runs in a fresh process; the methods alternate within each round. `--before DIR` adds an older
+checkout's SelfExtend (its src/ first on PYTHONPATH) to every round.
+
+    python benchmarks/gemma_prefill.py --tokens 32768,65536
+    python benchmarks/gemma_prefill.py --tokens 32768 --before /tmp/old --json gemma.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def measure(tokens: int, method: str, chunk_size: int) -> dict:
+    """One prefill in this process: seconds, tokens/s, peak RSS (MiB) and the settings used."""
+    import torch
+
+    import selfextend
+    from selfextend import models
+    from selfextend.inference import prefill
+    from selfextend.samples import passkey_sample
+
+    source = models.resolve(None)
+    tokenizer, model = models.load_tokenizer(source), models.load_model(source)
+    sample = passkey_sample(lambda text: len(tokenizer(text).input_ids), tokens)
+    ids = tokenizer(sample.text + sample.question, return_tensors="pt").input_ids[:, :tokens]
+    settings = "-"
+    if method == "selfextend":
+        selfextend.apply(model, input_length=ids.shape[1])
+        config = selfextend.settings(model)
+        settings = f"G={config.group_size} W={config.window_size}"
+    with torch.inference_mode():
+        prefill(model, ids[:, :600], chunk_size)  # warm-up
+        start = time.perf_counter()
+        prefill(model, ids, chunk_size)
+        seconds = time.perf_counter() - start
+    return {"tokens": ids.shape[1], "seconds": seconds, "tok_s": (ids.shape[1] - 1) / seconds,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "settings": settings}
+
+
+def _in_process(tokens: int, method: str, chunk_size: int, before: str | None) -> dict:
+    env = dict(os.environ)
+    if method == "before":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(before, "src"), env.get("PYTHONPATH")]))
+    command = [sys.executable, __file__, "--one", str(tokens), "selfextend" if method == "before" else method,
+               "--chunk-size", str(chunk_size)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="32768,65536", help="comma-separated document lengths")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds per length (methods alternate in each)")
+    parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument("--before", help="an older checkout (git worktree) whose SelfExtend runs in the same rounds")
+    parser.add_argument("--json", help="write every measurement here")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(int(args.one[0]), args.one[1], args.chunk_size)))
+        return
+    methods = ["vanilla", "selfextend"] + (["before"] if args.before else [])
+    print(f"{'tokens':>7} {'method':<11} {'settings':<14} {'tok/s':>7} {'× vanilla':>9} {'peak MiB':>9}", flush=True)
+    results = []
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        runs = {m: [] for m in methods}
+        for _ in range(args.repeats):
+            for method in methods:
+                runs[method].append(_in_process(tokens, method, args.chunk_size, args.before))
+        vanilla = statistics.median(r["tok_s"] for r in runs["vanilla"])
+        for method, rs in runs.items():
+            speed = statistics.median(r["tok_s"] for r in rs)
+            peak = statistics.median(r["peak_mib"] for r in rs)
+            print(f"{tokens:>7} {method:<11} {rs[0]['settings']:<14} {speed:>7.1f} {speed / vanilla:>9.3f} {peak:>9.0f}",
+                  flush=True)
+            results.append({"tokens": tokens, "method": method, "runs": rs, "tok_s": speed,
+                            "ratio": speed / vanilla})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
