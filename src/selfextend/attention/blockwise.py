@@ -1,14 +1,17 @@
-"""SelfExtend and local attention in query blocks, each block a few exact partials merged by log-sum-exp.
+"""SelfExtend and local attention in query blocks, each a few exact partials merged by log-sum-exp.
 
-Keys split by index distance d = shift + t - s. For a block of B <= W queries starting at key index
-a = shift + t0 the pieces are, from the newest key back:
-  - diagonal  [a, a + B):              neighbor, causal (the kernel's own is_causal, no mask);
-  - band      [a - W + 1 + B, a):      neighbor, every query sees every key (no mask);
-  - edge      [a - W + 1, a - W + 1 + B) (short of a): neighbor for s > t + shift - W, a [B, B] mask;
-  - grouped edge [a - W, a - W + B):   grouped rotation, causal again (no mask);
-  - grouped rest [0, a - W):           grouped rotation, every query sees every key (no mask).
-Masks cost O(n·B) in all, never O(n·W); padding or a cut at the sequence start falls back to masks.
-Memory is O(n·(B + W)) per layer, never n×n; work is that of causal attention plus O(n·B).
+Keys split by index distance d = shift + t - s. A block of queries (1024) first takes the grouped rest,
+the keys every one of its queries sees grouped, in one call. Its sub-blocks of b <= W queries (256),
+starting at key index a = shift + t0, then take, from the newest key back:
+  - diagonal     [a, a + b):              neighbor, causal (the kernel's own is_causal, no mask);
+  - band         [a - W + 1 + b, a):      neighbor, every query sees every key (no mask);
+  - edge         [a - W + 1, a - W + 1 + b) (short of a): neighbor where d < W, a [b, b] mask;
+  - grouped edge [a - W, a - W + b):      grouped rotation, causal again (no mask);
+  - grouped strip, from the block's grouped rest to a - W: grouped rotation, no mask.
+The CPU kernel costs about as much per pair on a [b, b] causal tile as on a full one, so each of the
+three triangles wastes b²/2 pairs: small sub-blocks keep that small, large blocks keep the big calls
+efficient. Masks cost O(n·b) in all; padding or a cut at the sequence start falls back to masks.
+Memory is O(n·(b + W)) per layer, never n×n.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from ..rotary import GroupedRotation
 from .layout import Geometry, grouped_key_count
-from .merge import merge_partials
+from .merge import merge_states
 from .partial import attend
 
 DEFAULT_BLOCK = 1024  # queries per block: the CPU kernel tiles queries by 256 from 768 on; tests shrink it
@@ -58,10 +61,10 @@ def _partial(
     return attend(query, key[:, :, s0:s1], value[:, :, s0:s1], mask, scale, causal)
 
 
-def _pieces(query, key, value, geometry, t0, window, scale, grouped=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merged (output, lse) of a sub-block of at most `window` queries starting at t0, over its neighbor keys
-    (diagonal, band, edge) and, given grouped = (rotated query, grouped keys, first key), its grouped keys
-    from that first key on (strip, grouped edge); keys before it are the caller's."""
+def _pieces(query, key, value, geometry, t0, window, scale, grouped=None) -> list:
+    """Partials of a sub-block of at most `window` queries starting at t0 over its neighbor keys (diagonal,
+    band, edge) and, given grouped = (rotated query, grouped keys, first key), its grouped keys from that
+    first key on (strip, grouped edge); keys before it are the caller's."""
     start, rows = geometry.shift + t0, query.shape[2]
     edge = start - window + 1
     ranges = ((start, start + rows), (edge + rows, start), (edge, min(edge + rows, start)))
@@ -72,20 +75,25 @@ def _pieces(query, key, value, geometry, t0, window, scale, grouped=None) -> tup
         query_grouped, key_grouped, first = grouped
         for s0, s1 in ((first, edge - 1), (max(first, edge - 1), edge - 1 + rows)):  # strip (full), grouped edge
             parts.append(_partial(query_grouped, key_grouped, value, geometry, t0, s0, s1, window, None, scale))
-    parts = [p for p in parts if p is not None]
-    return merge_partials([o for o, _ in parts], [lse for _, lse in parts])
+    return [p for p in parts if p is not None]
 
 
-def _block_state(query, key, value, geometry, t0, window, scale, sub, grouped=None):
-    """(output, lse) of the block's rows, sub-block by sub-block (queries t0.. of `query`, a block's slice)."""
-    states = []
+def _attend_block(out, query, key, value, geometry, t0, window, scale, sub, grouped=None, rest=None) -> None:
+    """Write the output rows of the block starting at t0 (`query` is its slice), sub-block by sub-block, each
+    merging its pieces with its rows of `rest`, the block's partial over the keys all its queries see grouped.
+
+    A block whose every pair is within the window is one sub-block: a causal diagonal and a full band,
+    what plain causal attention runs."""
+    if geometry.shift + t0 + query.shape[2] - 1 < window:
+        sub = query.shape[2]
     for r0 in range(0, query.shape[2], sub):
         rows = slice(r0, r0 + sub)
         piece = None if grouped is None else (grouped[0][:, :, rows], grouped[1], grouped[2])
-        states.append(_pieces(query[:, :, rows], key, value, geometry, t0 + r0, window, scale, piece))
-    if len(states) == 1:
-        return states[0]
-    return torch.cat([o for o, _ in states], dim=2), torch.cat([lse for _, lse in states], dim=2)
+        parts = _pieces(query[:, :, rows], key, value, geometry, t0 + r0, window, scale, piece)
+        if rest is not None:
+            parts.append((rest[0][:, :, rows], rest[1][:, :, rows]))
+        merged = merge_states([o for o, _ in parts], [lse for _, lse in parts])
+        out[:, t0 + r0:t0 + r0 + merged.shape[2]] = merged.transpose(1, 2)
 
 
 def _sub_block(block: int, window: int) -> int:
@@ -99,11 +107,12 @@ def local_attention(
     """Causal attention limited to the last `window` keys (sliding-window layers), O(n·window). Returns [b, n, h, d]."""
     b, h, n, d = query.shape
     block = block or DEFAULT_BLOCK
+    if geometry.shift + n - 1 < window:  # every pair within the window: plain attention, one block
+        block = max(n, 1)
     sub = _sub_block(block, window)
     out = query.new_empty(b, n, h, d)
     for t0 in range(0, n, block):
-        state, _ = _block_state(query[:, :, t0:t0 + block], key, value, geometry, t0, window, scale, sub)
-        out[:, t0:t0 + block] = state.transpose(1, 2)
+        _attend_block(out, query[:, :, t0:t0 + block], key, value, geometry, t0, window, scale, sub)
     return out
 
 
@@ -119,6 +128,8 @@ def selfextend_attention(
     b, h, n, d = query.shape
     shift, W = geometry.shift, rotation.window_size
     block = block or DEFAULT_BLOCK
+    if shift + n - 1 < W:  # no pair reaches grouped distance: plain attention, one block
+        block = max(n, 1)
     sub = _sub_block(block, W)
     n_grouped = grouped_key_count(geometry, n, key.shape[2], W)
     if not n_grouped:
@@ -136,8 +147,5 @@ def selfextend_attention(
             query_grouped = rotation(query[:, :, t0:t1], geometry.query_positions[:, t0:t1], "query")
             grouped = (query_grouped, key_grouped, max(rest_end, 0))
             rest = _partial(query_grouped, key_grouped, value, geometry, t0, 0, rest_end, W, None, scale)
-        state = _block_state(query[:, :, t0:t1], key, value, geometry, t0, W, scale, sub, grouped)
-        if rest is not None:
-            state = merge_partials([state[0], rest[0]], [state[1], rest[1]])
-        out[:, t0:t1] = state[0].transpose(1, 2)
+        _attend_block(out, query[:, :, t0:t1], key, value, geometry, t0, W, scale, sub, grouped, rest)
     return out

@@ -5,25 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def merge_partials(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_states(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
     """Combine partial outputs [b, h, n, d] over disjoint key sets with lses [b, h, n] (-inf: no keys).
 
-    Returns the merged output in float32 and its lse, so a merged state can be merged again. Rows with no
-    key in any partial come out as zeros with lse -inf.
+    Returns float32, accumulated in place. Rows with no key in any partial come out as zeros.
     """
     if len(outputs) == 1:
-        return outputs[0].float().masked_fill(lses[0].isneginf()[..., None], 0.0), lses[0]
+        return outputs[0].float().masked_fill(lses[0].isneginf()[..., None], 0.0)
     lse = torch.stack(lses)
     peak = lse.amax(dim=0).clamp_min(torch.finfo(torch.float32).min)
     weights = torch.exp(lse - peak)[..., None]  # [parts, b, h, n, 1]
-    total = weights.sum(dim=0)
     merged = outputs[0].float() * weights[0]
     for weight, output in zip(weights[1:], outputs[1:]):
         merged.addcmul_(output, weight)
-    merged.div_(total.clamp_min(torch.finfo(torch.float32).tiny))
-    return merged, peak + total.squeeze(-1).log()
-
-
-def merge_states(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
-    """The merged output alone (float32), for callers that need no lse."""
-    return merge_partials(outputs, lses)[0]
+    return merged.div_(weights.sum(dim=0).clamp_min(torch.finfo(torch.float32).tiny))
