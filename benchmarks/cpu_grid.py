@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
+
+from fresh import in_fresh_process
 
 HEADS = 8
 
@@ -124,13 +123,8 @@ def _rss_mib() -> float:
 
 
 def _in_process(cell: Cell, method: str, before: str | None = None) -> dict:
-    env = dict(os.environ)
-    if method == "before":
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(before, "src"), env.get("PYTHONPATH")]))
-        method = "selfextend"
-    command = [sys.executable, __file__, "--one", json.dumps(asdict(cell)), method]
-    done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
-    return json.loads(done.stdout.splitlines()[-1])
+    old = before if method == "before" else None
+    return in_fresh_process(__file__, ["--one", json.dumps(asdict(cell)), "selfextend" if old else method], old)
 
 
 def run(cell: Cell, repeats: int, before: str | None = None) -> dict:

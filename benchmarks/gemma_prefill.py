@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from fresh import in_fresh_process
 
 
 def measure(tokens: int, method: str, chunk_size: int) -> dict:
@@ -49,13 +48,9 @@ def measure(tokens: int, method: str, chunk_size: int) -> dict:
 
 
 def _in_process(tokens: int, method: str, chunk_size: int, before: str | None) -> dict:
-    env = dict(os.environ)
-    if method == "before":
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(before, "src"), env.get("PYTHONPATH")]))
-    command = [sys.executable, __file__, "--one", str(tokens), "selfextend" if method == "before" else method,
-               "--chunk-size", str(chunk_size)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
-    return json.loads(done.stdout.splitlines()[-1])
+    old = before if method == "before" else None
+    argv = ["--one", str(tokens), "selfextend" if old else method, "--chunk-size", str(chunk_size)]
+    return in_fresh_process(__file__, argv, old)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 A key's grouped form depends only on the key and its position, so it can be kept like the key itself.
 One `GroupedKeys` belongs to one cache layer (a `transformers` cache's `layers[i]`); the attention
 module's forward pre-hook finds that layer for each call. The kept keys stay valid while the layer's
-key tensor is the one seen on the last call (a crop, a beam reorder or a restore replaces it) and only
+key tensor is the one seen on the last call (a crop or a restored prefix replaces it) and only
 up to the first index the call writes, so an in-place static cache rewritten from index 0 starts over.
 Costs one more key tensor per full-attention layer; `apply(..., keep_grouped_keys=False)` turns it off.
 """

@@ -96,8 +96,12 @@ def _attend_block(out, query, key, value, geometry, t0, window, scale, sub, grou
         out[:, t0 + r0:t0 + r0 + merged.shape[2]] = merged.transpose(1, 2)
 
 
-def _sub_block(block: int, window: int) -> int:
-    return max(1, min(block, window, SUB_BLOCK))
+def _block_sizes(geometry: Geometry, n: int, window: int, block: int | None) -> tuple[int, int]:
+    """Queries per block and per sub-block; when no pair reaches the window, all n queries are one block."""
+    block = block or DEFAULT_BLOCK
+    if geometry.shift + n - 1 < window:  # plain causal attention: one call for the diagonal, one for the rest
+        block = max(n, 1)
+    return block, max(1, min(block, window, SUB_BLOCK))
 
 
 def local_attention(
@@ -106,10 +110,7 @@ def local_attention(
 ) -> torch.Tensor:
     """Causal attention limited to the last `window` keys (sliding-window layers), O(n·window). Returns [b, n, h, d]."""
     b, h, n, d = query.shape
-    block = block or DEFAULT_BLOCK
-    if geometry.shift + n - 1 < window:  # every pair within the window: plain attention, one block
-        block = max(n, 1)
-    sub = _sub_block(block, window)
+    block, sub = _block_sizes(geometry, n, window, block)
     out = query.new_empty(b, n, h, d)
     for t0 in range(0, n, block):
         _attend_block(out, query[:, :, t0:t0 + block], key, value, geometry, t0, window, scale, sub)
@@ -127,10 +128,7 @@ def selfextend_attention(
     """
     b, h, n, d = query.shape
     shift, W = geometry.shift, rotation.window_size
-    block = block or DEFAULT_BLOCK
-    if shift + n - 1 < W:  # no pair reaches grouped distance: plain attention, one block
-        block = max(n, 1)
-    sub = _sub_block(block, W)
+    block, sub = _block_sizes(geometry, n, W, block)
     n_grouped = grouped_key_count(geometry, n, key.shape[2], W)
     if not n_grouped:
         key_grouped = None
