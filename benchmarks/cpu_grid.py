@@ -81,6 +81,15 @@ def _model(cell: Cell, method: str):
     return model
 
 
+def _cache_kwargs(model, cache) -> dict:
+    """The cache keyword this transformers expects; an older checkout (--before) may predate transformers_compat."""
+    try:
+        from selfextend.transformers_compat import cache_kwargs
+    except ImportError:
+        return {"past_key_values": cache}
+    return cache_kwargs(model, cache)
+
+
 def measure(cell: Cell, method: str, steps: int = 16) -> dict:
     """One measurement in this process: seconds (per step for decode) and peak RSS growth in MiB."""
     import torch
@@ -96,10 +105,10 @@ def measure(cell: Cell, method: str, steps: int = 16) -> dict:
             seconds = time.perf_counter() - start
         else:
             cache, token = _filled_cache(model, cell), ids[:, -1:]
-            model(token, past_key_values=cache, use_cache=True)  # warm-up step
+            model(token, **_cache_kwargs(model, cache), use_cache=True)  # warm-up step
             start = time.perf_counter()
             for _ in range(steps):
-                token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                token = model(token, **_cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
             seconds = (time.perf_counter() - start) / steps
     return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base}
 

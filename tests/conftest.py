@@ -75,6 +75,23 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def rotated_keys(monkeypatch) -> list[int]:
+    """How many keys each grouped-key rotation rotated, in call order: shows whether kept grouped keys were used."""
+    from selfextend.rotary import GroupedRotation
+
+    sizes: list[int] = []
+    rotate = GroupedRotation.__call__
+
+    def counting(self, x, positions, kind):
+        if kind == "key":
+            sizes.append(x.shape[2])
+        return rotate(self, x, positions, kind)
+
+    monkeypatch.setattr(GroupedRotation, "__call__", counting)
+    return sizes
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param

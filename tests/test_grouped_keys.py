@@ -7,8 +7,10 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 import selfextend
+from selfextend import integration
 from selfextend.attention import blockwise
-from selfextend.rotary import GroupedRotation
+from selfextend.inference import answer, prefill
+from selfextend.transformers_compat import cache_kwargs
 from conftest import make_model
 
 G, W = 4, 8
@@ -32,24 +34,47 @@ def _pair(family="llama"):
 @torch.no_grad()
 def _steps(model, cache, ids, tokens):
     """Prefill ids into cache, then feed `tokens` one at a time; the logits of every call."""
-    logits = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+    logits = [model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]]
     for token in tokens:
-        logits.append(model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[:, -1])
+        logits.append(model(torch.tensor([[token]]), **cache_kwargs(model, cache), use_cache=True).logits[:, -1])
     return torch.stack(logits)
 
 
-def test_a_decode_step_rotates_only_its_new_key(monkeypatch):
+def test_a_decode_step_rotates_only_its_new_key(rotated_keys):
     kept, _ = _pair()
-    sizes = []
-    rotate = GroupedRotation.__call__
-    monkeypatch.setattr(GroupedRotation, "__call__",
-                        lambda self, x, positions, kind: sizes.append((kind, x.shape[2])) or rotate(self, x, positions, kind))
     cache = DynamicCache(config=kept.config)
     _steps(kept, cache, _ids(40), [])
-    sizes.clear()
+    rotated_keys.clear()
     _steps(kept, cache, _ids(1, seed=2), [5, 6])
+    assert rotated_keys == [1] * 3 * kept.config.num_hidden_layers
+
+
+def test_batch_1_generate_rotates_each_key_once(rotated_keys):
+    """The fast path `generate` promises: after the prompt's call, every step rotates its one new key per layer."""
+    kept, _ = _pair()
     layers = kept.config.num_hidden_layers
-    assert [s for kind, s in sizes if kind == "key"] == [1] * 3 * layers
+    with torch.no_grad():
+        kept.generate(_ids(40), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert rotated_keys[layers:] == [1] * 7 * layers
+
+
+def test_chunked_prefill_and_answer_rotate_each_key_once(rotated_keys):
+    """`inference.prefill` (generate, eval, calibrate, serve) and `answer`: no call rotates more than it added."""
+    kept, _ = _pair()
+    ids = _ids(100)
+    cache = prefill(kept, ids, chunk_size=16)
+    assert rotated_keys and max(rotated_keys) <= 16
+    rotated_keys.clear()
+    answer(kept, ids, cache, 5, pad_token_id=0)
+    assert rotated_keys == [1] * 5 * kept.config.num_hidden_layers  # the prompt's last token, then 4 steps
+
+
+def test_a_cache_we_cannot_find_is_said_not_silent(monkeypatch):
+    """Were a transformers release to pass the cache by a name we do not read, kept keys would be off: we say so."""
+    kept, _ = _pair()
+    monkeypatch.setattr(integration, "given_cache", lambda kwargs: None)
+    with pytest.warns(UserWarning, match="rotates all its keys again"):
+        prefill(kept, _ids(60), chunk_size=16)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -8,6 +8,7 @@ import transformers
 
 from selfextend.evaluation.methods import Method, applied
 from selfextend.planning import InputTooLongError
+from selfextend.transformers_compat import cache_kwargs
 from conftest import TRAIN_LENGTH, make_model
 
 
@@ -77,7 +78,7 @@ def test_dynamic_is_frozen_across_chunks():
         whole = model(ids).logits[:, -1]
         cache = transformers.DynamicCache(config=model.config)
         for start in range(0, n, 40):
-            last = model(ids[:, start:start + 40], past_key_values=cache, use_cache=True).logits[:, -1]
+            last = model(ids[:, start:start + 40], **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
     torch.testing.assert_close(last, whole, atol=1e-5, rtol=1e-5)
 
 

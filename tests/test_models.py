@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 import selfextend
 from selfextend.attention import blockwise
+from selfextend.transformers_compat import cache_kwargs
 from conftest import TRAIN_LENGTH, make_model
 
 G, W = 4, 8  # extended limit (64 - 8)·4 + 8 = 232 tokens
@@ -59,7 +60,7 @@ def test_chunked_prefill_matches_one_shot(family):
     ids = _ids(200)
     one_shot = _logits(model, ids)
     cache = DynamicCache(config=model.config)
-    chunks = [_logits(model, ids[:, a:a + 37], past_key_values=cache, use_cache=True) for a in range(0, 200, 37)]
+    chunks = [_logits(model, ids[:, a:a + 37], **cache_kwargs(model, cache), use_cache=True) for a in range(0, 200, 37)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), one_shot, atol=1e-5, rtol=1e-5)
 
 

@@ -13,7 +13,8 @@ from transformers import DynamicCache, StaticCache
 import selfextend
 from selfextend.attention import KVLayout, blockwise, layout_mask
 from selfextend.rotary import GroupedRotation, find_rope
-from conftest import make_model
+from selfextend.transformers_compat import cache_kwargs
+from conftest import COMMON, make_model
 
 G, W = 4, 8
 STATIC_FAMILIES = ["llama", "qwen3", "gemma3"]  # plain, q/k-norm, and sliding-window layers
@@ -75,14 +76,14 @@ def test_unused_static_slots_are_never_attended():
     ids = _ids(121)
     static = StaticCache(config=model.config, max_cache_len=200)
     dynamic = DynamicCache(config=model.config)
-    model(ids[:, :120], past_key_values=static, use_cache=True)
-    model(ids[:, :120], past_key_values=dynamic, use_cache=True)
+    model(ids[:, :120], **cache_kwargs(model, static), use_cache=True)
+    model(ids[:, :120], **cache_kwargs(model, dynamic), use_cache=True)
     for layer in static.layers:
         layer.keys[:, :, 120:] = float("nan")
         layer.values[:, :, 120:] = float("nan")
     position = torch.tensor([[120]])
-    got = model(ids[:, 120:], past_key_values=static, position_ids=position, use_cache=True).logits
-    expected = model(ids[:, 120:], past_key_values=dynamic, position_ids=position, use_cache=True).logits
+    got = model(ids[:, 120:], **cache_kwargs(model, static), position_ids=position, use_cache=True).logits
+    expected = model(ids[:, 120:], **cache_kwargs(model, dynamic), position_ids=position, use_cache=True).logits
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -172,14 +173,14 @@ def test_packed_sequences_in_chunks_over_a_cache():
     model = selfextend.apply(make_model("llama"), G, W)
     parts, ids, positions, _ = _packed([100, 80])
     cache = DynamicCache(config=model.config)
-    chunks = [model(ids[:, a:b], position_ids=positions[:, a:b], past_key_values=cache, use_cache=True).logits
+    chunks = [model(ids[:, a:b], position_ids=positions[:, a:b], **cache_kwargs(model, cache), use_cache=True).logits
               for a, b in [(0, 60), (60, 130), (130, 180)]]
     got = torch.cat(chunks, dim=1)
     torch.testing.assert_close(got[:, :100], model(parts[0]).logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[:, 100:], model(parts[1]).logits, atol=1e-5, rtol=1e-5)
     # decoding after the packed row continues the last sequence only
     nxt = torch.tensor([[5]])
-    step = model(nxt, position_ids=torch.tensor([[80]]), past_key_values=cache, use_cache=True).logits
+    step = model(nxt, position_ids=torch.tensor([[80]]), **cache_kwargs(model, cache), use_cache=True).logits
     alone = model(torch.cat([parts[1], nxt], dim=1)).logits[:, -1:]
     torch.testing.assert_close(step, alone, atol=1e-5, rtol=1e-5)
 
@@ -222,7 +223,9 @@ def test_layers_split_over_devices_with_disk_offload(tmp_path):
 
 def test_tensor_parallel_two_processes_give_the_one_process_tokens(tmp_path):
     """transformers' own TP (torchrun, gloo on CPU) hands the attention function only the local heads."""
-    make_model("llama").save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)  # an even vocabulary: transformers 5.17 refuses to split an odd lm_head
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": 98})).save_pretrained(
+        tmp_path / "model")
     helper = str(Path(__file__).parent / "helpers" / "tp_generate.py")
     runs = {1: [sys.executable, helper], 2: [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                              "--nproc-per-node", "2", helper]}

@@ -195,3 +195,15 @@ def test_string_requests_and_their_prefix_entries_are_their_own():
     assert RequestPlanner(model, method="string", shifted_offset=30, local_window=3).plan(40).window_size == 30
     assert selfextend_planner.plan(54).method == "selfextend"
     loop.close()
+
+
+def test_the_engine_rotates_each_key_once(rotated_keys):
+    """`serve` keeps grouped keys: no prefill chunk rotates more keys than it adds, each decode step one per layer."""
+    model = make_model("llama")
+    engine = _engine(model)
+    loop = asyncio.new_event_loop()
+    engine._run(Job(Params(_ids(7, 120), 6, engine.planner.plan(126), temperature=0), loop))
+    loop.close()
+    layers = model.config.num_hidden_layers
+    assert max(rotated_keys) <= CHUNK
+    assert rotated_keys[-5 * layers:] == [1] * 5 * layers

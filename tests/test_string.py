@@ -13,6 +13,7 @@ from selfextend.attention import blockwise
 from selfextend.attention.reference import reference_attention
 from selfextend.positions import string_offset
 from selfextend.rotary import GroupedRotation, RopeSource
+from selfextend.transformers_compat import cache_kwargs
 from test_kernels import INV_FREQ, _problem, check_pair_by_pair
 
 S, w = 21, 5  # the tiny models' L = 64: S ≈ L/3
@@ -90,7 +91,7 @@ def test_chunked_prefill_and_decode_match_one_pass(family):
     ids = _ids(60)
     one_shot = _logits(model, ids)
     cache = DynamicCache(config=model.config)
-    chunks = [_logits(model, ids[:, a:a + 13], past_key_values=cache, use_cache=True) for a in range(0, 60, 13)]
+    chunks = [_logits(model, ids[:, a:a + 13], **cache_kwargs(model, cache), use_cache=True) for a in range(0, 60, 13)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), one_shot, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         generated = model.generate(ids[:, :50], max_new_tokens=10, do_sample=False, pad_token_id=0)

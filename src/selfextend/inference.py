@@ -9,6 +9,9 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
+from .integration import settings
+from .transformers_compat import cache_kwargs, length_reminder_held_back
+
 ChunkHook = Callable[[int, DynamicCache], None]
 
 
@@ -32,7 +35,7 @@ def prefill(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 2048, p
         start = done
         while start < n - 1:
             end = min(n - 1, (start // chunk_size + 1) * chunk_size)
-            model(ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids[:, start:end], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             bar.update(end - start)
             if on_chunk is not None:
                 on_chunk(end, cache)
@@ -56,10 +59,16 @@ def sampling(temperature: float, top_p: float = 1.0) -> dict:
 def answer(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, max_new_tokens: int,
            pad_token_id: int | None, streamer=None, options: dict | None = None,
            stopping_criteria=None) -> torch.Tensor:
-    """Continuation of `ids` from its pre-filled cache (greedy unless `options` say otherwise); new ids of row 0."""
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                         max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad_token_id,
-                         stopping_criteria=stopping_criteria, **(options or {"do_sample": False}))
+    """Continuation of `ids` from its pre-filled cache (greedy unless `options` say otherwise); new ids of row 0.
+
+    Within the applied plan's limit, `generate`'s reminder about passing the model's maximum length is not shown.
+    """
+    applied = settings(model)
+    within_plan = applied is not None and ids.shape[1] + max_new_tokens <= applied.max_length
+    with length_reminder_held_back(within_plan):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
+                             max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad_token_id,
+                             stopping_criteria=stopping_criteria, **(options or {"do_sample": False}))
     return out[0, ids.shape[1]:]
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers import __version__ as transformers_version
 from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import (KVLayout, grouped_key_count, layout_mask, resolve_backend, resolve_geometry, sequence_starts,
@@ -24,6 +25,7 @@ from .config import SelfExtendConfig, training_length
 from .grouped_keys import GroupedKeys, cache_layer
 from .planning import InputTooLongError, Plan, plan, plan_for
 from .rotary import GroupedRotation, UnsupportedModelError, find_rope
+from .transformers_compat import given_cache
 
 ATTENTION_NAME = "selfextend"
 _STATE = "selfextend_state"
@@ -40,13 +42,14 @@ class _State:
     keep_grouped_keys: bool = True
     kept: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # cache layer -> GroupedKeys
     warned_long: bool = False
+    warned_not_kept: bool = False
 
 
 def _find_kept_keys(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: the grouped keys kept for the cache layer this call will update, if any."""
     state: _State | None = getattr(module, _STATE, None)
     kept = None
-    layer = cache_layer(kwargs.get("past_key_values"), module.layer_idx)
+    layer = cache_layer(given_cache(kwargs), module.layer_idx)
     if state is not None and state.keep_grouped_keys and layer is not None and not torch.compiler.is_compiling():
         kept = state.kept.get(layer)
         if kept is None or not kept.holds(getattr(layer, "keys", None)):
@@ -80,14 +83,17 @@ def _attention_forward(
     kept: GroupedKeys | None = getattr(module, _KEPT, None)
     setattr(module, _KEPT, None)  # the cache layer may go away: keep no reference past this call
 
-    def attend(q, k, v, geometry, kept=None):
+    def attend(q, k, v, geometry, whole_call=False):
         if window is not None:
             return backend.local(q, k, v, geometry, window, scale)
         _warn_if_too_long(state, geometry)
         key_grouped = None
         n_grouped = grouped_key_count(geometry, q.shape[2], k.shape[2], state.rotation.window_size)
-        if kept is not None and n_grouped and geometry.valid is None and q.shape[0] == 1:
-            key_grouped = kept.extend(k, geometry, state.rotation, n_grouped)
+        if whole_call and n_grouped and geometry.valid is None and q.shape[0] == 1:  # where kept keys serve
+            if kept is not None:
+                key_grouped = kept.extend(k, geometry, state.rotation, n_grouped)
+            elif state.keep_grouped_keys and k.shape[2] > q.shape[2] and not torch.compiler.is_compiling():
+                _warn_not_kept(state)
         return backend.selfextend(q, k, v, geometry, state.rotation, scale, key_grouped)
 
     b, n, m = query.shape[0], query.shape[2], key.shape[2]
@@ -96,7 +102,7 @@ def _attention_forward(
     runs = split_sequences(starts)
     if runs is None:
         geometry = resolve_geometry(layout, None, b, n, m, query.device, starts)
-        return attend(query, key, value, geometry, kept), None
+        return attend(query, key, value, geometry, whole_call=True), None
     out = query.new_empty(b, n, query.shape[1], query.shape[3])
     for row, t0, t1 in runs:  # packed: each sequence on its own, over its own keys only
         start = starts[row:row + 1, t0:t1]
@@ -107,6 +113,17 @@ def _attention_forward(
         r = slice(row, row + 1)
         out[r, t0:t1] = attend(query[r, :, t0:t1], key[r, :, k0:k1], value[r, :, k0:k1], geometry)
     return out, None
+
+
+def _warn_not_kept(state: _State) -> None:
+    """Say once that kept grouped keys were asked for but this model's calls do not let us find its KV cache."""
+    if state.warned_not_kept:
+        return
+    state.warned_not_kept = True
+    warnings.warn(f"SelfExtend keeps grouped keys beside the KV cache, but the attention layers were not given a "
+                  f"cache it recognises (transformers {transformers_version}): every call rotates all its keys "
+                  f"again, which slows decoding. Please report this; apply(..., keep_grouped_keys=False) silences "
+                  f"this warning.", stacklevel=3)
 
 
 def _warn_if_too_long(state: _State, geometry) -> None:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from ..transformers_compat import cache_kwargs
+
 
 @torch.inference_mode()
 def token_nll(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 1024, on_chunk=None) -> torch.Tensor:
@@ -20,7 +22,7 @@ def token_nll(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 1024,
     out = torch.empty(n - 1, dtype=torch.float32)
     for start in range(0, n - 1, chunk_size):
         end = min(n - 1, start + chunk_size)
-        logits = model(ids[:, start:end], past_key_values=cache, use_cache=True).logits[0].float()
+        logits = model(ids[:, start:end], **cache_kwargs(model, cache), use_cache=True).logits[0].float()
         out[start:end] = F.cross_entropy(logits, ids[0, start + 1:end + 1], reduction="none").cpu()
         if on_chunk is not None:
             on_chunk(end - start)

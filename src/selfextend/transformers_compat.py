@@ -1,0 +1,56 @@
+"""Where supported `transformers` releases differ, the one place that knows how (see the README's version range).
+
+- The KV cache keyword: `past_key_values` up to 5.23, `cache` from 5.24 (the old name is deprecated there and
+  warns). We pass the name the model's own `forward` declares, and read whichever one a layer was given.
+- `generate`'s reminder that a call "exceeded the model's predefined maximum length": reading past the
+  training length is what SelfExtend is for, so the reminder is held back while the input is within the
+  plan's limit (past it, SelfExtend's own warning says what to do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator
+
+from torch import nn
+
+NEW_CACHE_NAME, OLD_CACHE_NAME = "cache", "past_key_values"
+_REMINDER_LOGGER = "transformers.generation.stopping_criteria"
+_REMINDER = "This is a friendly reminder - the current text generation call has exceeded the model's predefined"
+
+
+def cache_name(model: nn.Module) -> str:
+    """The keyword `model` takes its KV cache by: "cache" where its forward declares it, else "past_key_values"."""
+    return NEW_CACHE_NAME if NEW_CACHE_NAME in inspect.signature(model.forward).parameters else OLD_CACHE_NAME
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """`{name: cache}` for a call of `model(...)` or `model.generate(...)`, in the name that model expects."""
+    return {cache_name(model): cache}
+
+
+def given_cache(kwargs: dict):
+    """The cache a module's forward was called with (under either name), or None."""
+    cache = kwargs.get(NEW_CACHE_NAME)
+    return cache if cache is not None else kwargs.get(OLD_CACHE_NAME)
+
+
+class _Reminder(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_REMINDER)
+
+
+@contextlib.contextmanager
+def length_reminder_held_back(hold: bool) -> Iterator[None]:
+    """While inside, drop `generate`'s past-the-maximum-length reminder if `hold` (the input is within the plan)."""
+    if not hold:
+        yield
+        return
+    logger, reminder = logging.getLogger(_REMINDER_LOGGER), _Reminder()
+    logger.addFilter(reminder)
+    try:
+        yield
+    finally:
+        logger.removeFilter(reminder)
