@@ -7,9 +7,11 @@ and the converted weights are cached under $SELFEXTEND_HOME (default ~/.cache/se
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,13 +98,30 @@ def load_tokenizer(source: ModelSource) -> transformers.PreTrainedTokenizerBase:
     return transformers.AutoTokenizer.from_pretrained(source.name_or_path, **source.kwargs())
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars hidden while inside, as they were after."""
+    hf_logging = transformers.utils.logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32") -> transformers.PreTrainedModel:
-    """The causal LM in eval mode, with SDPA attention; caches the embedded default's converted weights."""
+    """The causal LM in eval mode, with SDPA attention; caches the embedded default's converted weights.
+
+    Only a GGUF's conversion (a minute or more) shows transformers' progress bars; a folder loads quietly.
+    """
     torch_dtype = getattr(torch, dtype)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        source.name_or_path, dtype=torch.float32 if source.gguf_file else torch_dtype, attn_implementation="sdpa",
-        **source.kwargs(),
-    )
+    with contextlib.nullcontext() if source.gguf_file else _no_progress_bars():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source.name_or_path, dtype=torch.float32 if source.gguf_file else torch_dtype, attn_implementation="sdpa",
+            **source.kwargs(),
+        )
     if source.cache_to is not None:
         _save_converted(model, source)
     return model.to(device=device, dtype=torch_dtype).eval()
