@@ -9,7 +9,7 @@ import transformers
 import selfextend
 from selfextend import cli
 from selfextend.planning import ProfileError, find_profile, load_profile, model_identity, plan_for, save_profile
-from selfextend.planning.calibration import CalibrationError, Probes, calibrate
+from selfextend.evaluation.calibration import CalibrationError, Probes, calibrate
 from selfextend.planning.profiles import Profile
 from selfextend.testbed import TRAIN_LENGTH as TESTBED_LENGTH, WEIGHTS
 from conftest import TRAIN_LENGTH, make_model

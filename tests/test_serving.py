@@ -14,7 +14,7 @@ from conftest import make_model  # noqa: E402
 from selfextend import apply  # noqa: E402
 from selfextend.inference import answer, prefill  # noqa: E402
 from selfextend.planning import InputTooLongError  # noqa: E402
-from selfextend.serving.engine import Cancelled, Engine, Job, Params, QueueFullError, RequestPlanner  # noqa: E402
+from selfextend.serving.engine import Cancelled, Engine, Job, Params, QueueFullError, request_planner  # noqa: E402
 from selfextend.serving.metrics import Metrics  # noqa: E402
 from selfextend.serving.prefix_cache import PrefixCache, Recorder, restore  # noqa: E402
 from selfextend.serving.text import Detokenizer  # noqa: E402
@@ -85,8 +85,8 @@ def test_prefix_cache_is_bounded_and_drops_redundant_entries():
 
 
 def _engine(model, tokenizer=None, **kwargs) -> Engine:
-    return Engine(model, tokenizer or CharTokenizer(), RequestPlanner(model, 4, 8), Metrics(), chunk_size=CHUNK,
-                  **kwargs)
+    return Engine(model, tokenizer or CharTokenizer(), request_planner(model, group_size=4, window_size=8), Metrics(),
+                  chunk_size=CHUNK, **kwargs)
 
 
 def _drain(loop: asyncio.AbstractEventLoop, job: Job) -> list:
@@ -161,17 +161,17 @@ def test_detokenizer_cuts_at_stop_and_never_sends_part_of_it():
 
 
 def test_fixed_settings_refuse_past_their_limit():
-    planner = RequestPlanner(make_model("llama"), 4, 8)  # L = 64: (64 - 8)·4 + 8 = 232
+    planner = request_planner(make_model("llama"), group_size=4, window_size=8)  # L = 64: (64 - 8)·4 + 8 = 232
     assert planner.limit == 232 and planner.plan(232).group_size == 4
     with pytest.raises(InputTooLongError, match="232"):
         planner.plan(233)
     with pytest.raises(ValueError):
-        RequestPlanner(make_model("llama"), 4, None)
+        request_planner(make_model("llama"), group_size=4)
 
 
 def test_string_requests_and_their_prefix_entries_are_their_own():
     model = make_model("gemma3")
-    planner = RequestPlanner(model, method="string")
+    planner = request_planner(model, method="string")
     assert planner.limit == 64
     with pytest.raises(InputTooLongError, match="STRING"):
         planner.plan(65)
@@ -183,16 +183,16 @@ def test_string_requests_and_their_prefix_entries_are_their_own():
     assert model.config.selfextend["method"] == "string"
     expected = answer(model, ids, prefill(model, ids, CHUNK), 4, 0)
     assert "".join(p for k, p in _drain(loop, job) if k == "delta") == CharTokenizer().decode(expected.tolist())
-    selfextend_planner = RequestPlanner(model, 4, 8)
+    selfextend_planner = request_planner(model, group_size=4, window_size=8)
     assert engine.prefix.find(("selfextend", 4, 8, None, None), ids[0, :-1]) == (None, 0)
     assert engine.prefix.find(("string", 1, 21, None, 10), ids[0, :-1])[1] == 48
     with pytest.raises(ValueError):
-        RequestPlanner(model, 4, 8, method="string")
+        request_planner(model, group_size=4, window_size=8, method="string")
     with pytest.raises(ValueError, match="STRING's settings"):
-        RequestPlanner(model, shifted_offset=20)
+        request_planner(model, shifted_offset=20)
     with pytest.raises(ValueError, match="smaller than shifted_offset"):
-        RequestPlanner(model, method="string", shifted_offset=20, local_window=20)
-    assert RequestPlanner(model, method="string", shifted_offset=30, local_window=3).plan(40).window_size == 30
+        request_planner(model, method="string", shifted_offset=20, local_window=20)
+    assert request_planner(model, method="string", shifted_offset=30, local_window=3).plan(40).window_size == 30
     assert selfextend_planner.plan(54).method == "selfextend"
     loop.close()
 

@@ -137,7 +137,7 @@ def test_defaults_saved_settings_and_switching_back():
     (dict(shifted_offset=TRAIN_LENGTH), ValueError, "smaller than the model's training length"),
     (dict(shifted_offset=20, local_window=20), ValueError, "local_window .* smaller than shifted_offset"),
     (dict(shifted_offset=20, local_window=0), ValueError, "local_window must be >= 1"),
-    (dict(input_length=TRAIN_LENGTH + 1), ValueError, "does not extend past the training length"),
+    (dict(input_length=TRAIN_LENGTH + 1), ValueError, "past the training length L = 64, and STRING does not extend"),
     (dict(group_size=4, window_size=8), ValueError, "not group_size and window_size"),
 ])
 def test_bad_string_settings_are_refused(kwargs, error, match):
@@ -215,7 +215,7 @@ def test_choose_for_reads_the_comparison_from_the_models_profile(tmp_path, monke
 
 def test_compare_runs_both_methods_on_the_same_probes():
     from selfextend import models
-    from selfextend.planning.calibration import CalibrationError, Probes, compare, compare_lengths
+    from selfextend.evaluation.calibration import CalibrationError, Probes, compare, compare_lengths
 
     source = models.resolve("testbed")
     tokenizer, model = models.load_tokenizer(source), models.load_model(source)

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from . import models
-from .config import SelfExtendConfig, training_length
-from .integration import apply_plan, settings
-from .planning import InputTooLongError, Plan, choose_for, find_profile, plan_for, plan_with, string_plan
-from .rotary import UnsupportedModelError, rope_parameters_of
+from .config import CHOICES, FLAGS, check_request, training_length
+from .errors import CommandError, UnsupportedModelError
+from .integration import apply_plan
+from .planning import Plan, find_profile, resolve, uses_profile
+from .rotary import rope_parameters_of
+from .samples import token_counter
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
-
-
-class CommandError(Exception):
-    """A problem with the user's input, printed without a traceback."""
 
 
 def _read_input(path: str) -> str:
@@ -47,8 +47,7 @@ def _document(args, tokenizer) -> tuple[str, str, str | None]:
         return _read_input(args.input), args.prompt or "", None
     from .samples import passkey_sample
 
-    sample = passkey_sample(lambda text: len(tokenizer(text, add_special_tokens=False).input_ids),
-                            args.sample_tokens, depth=args.sample_depth)
+    sample = passkey_sample(token_counter(tokenizer), args.sample_tokens, depth=args.sample_depth)
     print(f"[sample] passkey document of ~{args.sample_tokens} tokens; the key is {sample.answer}",
           file=sys.stderr)
     return sample.text, args.prompt or sample.question, sample.answer
@@ -63,46 +62,19 @@ def _prompt_ids(tokenizer, text: str, question: str, chat: bool):
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
-def _plan(model_or_config, length: int, effective_length: int | None, method: str = "selfextend") -> Plan:
-    """The planner's choice for `length` tokens (with method "auto", of the method too), errors as the user's."""
-    try:
-        if method == "auto":
-            return choose_for(model_or_config, length, effective_length)
-        return plan_for(model_or_config, length, effective_length)
-    except (InputTooLongError, ValueError, TypeError) as error:
-        raise CommandError(str(error)) from error
-
-
-def _string_settings(args, model_or_config, length: int) -> SelfExtendConfig:
-    """STRING's settings from --shifted-offset/--local-window (defaults S = L/3, w = 128), errors as the user's."""
-    given = (getattr(args, name, None) is not None for name in ("group_size", "window", "effective_length"))
-    if any(given):
-        raise CommandError("--method string takes --shifted-offset and --local-window, not --group-size, --window "
-                           "or --effective-length")
-    train = training_length(model_or_config)
-    if length > train:
-        raise CommandError(f"{length} tokens are past the training length L = {train}, and STRING does not extend "
-                           "past it: use --method selfextend or auto (the default) for longer inputs")
-    try:
-        return SelfExtendConfig.string(train, args.shifted_offset, args.local_window)
-    except (ValueError, TypeError) as error:
-        raise CommandError(str(error)) from error
+def _request(args) -> dict:
+    """The settings the command line gives: method, G/W, S/w and E (None where not given)."""
+    return {"method": args.method, "group_size": getattr(args, "group_size", None),
+            "window_size": getattr(args, "window", None), "shifted_offset": args.shifted_offset,
+            "local_window": args.local_window, "effective_length": args.effective_length}
 
 
 def _settings(args, model_or_config, length: int) -> Plan:
-    """The plan for `length` tokens: STRING's with --method string, G and W given by hand, or the planner's."""
-    if args.method == "string":
-        return string_plan(_string_settings(args, model_or_config, length), length, "given (--method string)")
-    if args.shifted_offset is not None or args.local_window is not None:
-        raise CommandError("--shifted-offset and --local-window are STRING's settings: add --method string")
-    group, window = getattr(args, "group_size", None), getattr(args, "window", None)
-    if (group is None) != (window is None):
-        raise CommandError("give both --group-size and --window, or neither to have them planned")
-    if group is not None:
-        if args.effective_length is not None:
-            raise CommandError("--effective-length plans G and W: give it or --group-size/--window, not both")
-        return plan_with(training_length(model_or_config), length, group, window, "given")
-    return _plan(model_or_config, length, args.effective_length, args.method)
+    """The plan for `length` tokens from the flags (given settings, or the planner's), errors as the user's."""
+    try:
+        return resolve(model_or_config, length, **_request(args), names=FLAGS)
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from error
 
 
 def cmd_generate(args) -> None:
@@ -125,10 +97,8 @@ def cmd_generate(args) -> None:
         apply_plan(model, chosen)
     except (UnsupportedModelError, ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
-    described = (f"STRING S={chosen.window_size}, w={chosen.local_window}" if chosen.method == "string" else
-                 f"G={chosen.group_size}, W={chosen.window_size}")
-    print(f"[selfextend] {n} prompt tokens, training length {train_length}: {described}, limit "
-          f"{settings(model).max_length} ({chosen.reason}); "
+    print(f"[selfextend] {n} prompt tokens, training length {train_length}: {chosen.settings.describe()}, limit "
+          f"{chosen.max_length} ({chosen.reason}); "
           f"model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     prefill_start = time.perf_counter()
     cache = prefill(model, ids, args.chunk_size, progress=not args.quiet)
@@ -153,26 +123,16 @@ def cmd_plan(args) -> None:
             raise CommandError("give --length N or --input FILE")
         tokenizer = models.load_tokenizer(source)
         args.length = len(tokenizer(_read_input(args.input)).input_ids)
-    # the model's weights identify its measured profile; STRING, a given E (or a flag error) need only the config
-    needs_weights = args.method != "string" and args.effective_length is None and \
-        args.shifted_offset is None and args.local_window is None
-    model = models.load_model(source) if needs_weights else models.load_config(source)
+    try:  # a flag error needs no weights; the model's weights identify its measured profile
+        check_request(**_request(args), names=FLAGS)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    model = models.load_model(source) if uses_profile(**_request(args)) else models.load_config(source)
     chosen = _settings(args, model, args.length)
     if args.json:
         print(json.dumps(chosen.as_dict()))
         return
-    effective = chosen.effective_length or "not known"
-    if chosen.method == "string":
-        settings_rows = [("method", "STRING"), ("shifted offset S", chosen.window_size),
-                         ("local window w", chosen.local_window), ("limit (STRING: L)", chosen.max_length),
-                         ("largest position N-S+w", chosen.largest_position)]
-    else:
-        settings_rows = [("group size G", chosen.group_size), ("window W", chosen.window_size),
-                         ("extended limit (L-W)·G+W", chosen.max_length),
-                         ("largest position W+(N-W)/G", chosen.largest_position)]
-    rows = [("training length L", chosen.train_length), ("effective length E", effective),
-            ("target length N", chosen.target_length), *settings_rows]
-    for label, value in rows:
+    for label, value in chosen.describe():
         print(f"{label:<28} {value:>10}")
     print(f"why: {chosen.reason}")
 
@@ -224,7 +184,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from .planning.calibration import CalibrationError, Probes, calibrate, compare
+    from .evaluation.calibration import CalibrationError, Probes, calibrate, compare
     from .planning import save_profile
 
     try:
@@ -296,7 +256,7 @@ def cmd_eval(args) -> None:
     out = Path(args.out)
     try:
         rows = evaluate(model, tokenizer, ev, out, progress=not args.quiet)
-    except (InputTooLongError, ValueError, TypeError) as error:
+    except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
     summary = summarize([r for r in rows if r["task"] == ev.task])
     write_csv(summary, out / "summary.csv")
@@ -308,23 +268,64 @@ def cmd_eval(args) -> None:
           file=sys.stderr)
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    """Options of every command that runs the model."""
-    parser.add_argument("--chunk-size", type=int, default=2048, help="prefill tokens per forward pass")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+def cmd_serve(args) -> None:
+    """Load the model once and serve it over HTTP until interrupted."""
+    try:
+        from .serving.app import ServerOptions
+        from .serving.engine import Engine, request_planner
+        from .serving.metrics import Metrics
+        from .serving.server import serve
+    except ImportError as error:
+        raise CommandError(f"selfextend serve needs the serve extra: pip install 'selfextend[serve]' ({error})")
+    for flag, value in (("--max-queue", args.max_queue), ("--max-tokens-cap", args.max_tokens_cap),
+                        ("--default-max-tokens", args.default_max_tokens), ("--chunk-size", args.chunk_size),
+                        ("--max-body-mb", args.max_body_mb)):
+        if value <= 0:
+            raise CommandError(f"{flag} must be positive, got {value}")
+    if args.prefix_cache_mb < 0:
+        raise CommandError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
+    template = None
+    if args.chat_template is not None:
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise CommandError(f"chat template file not found: {path}")
+        template = path.read_text(encoding="utf-8")
+    source = _source(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tokenizer = models.load_tokenizer(source)
+    model = models.load_model(source, device=args.device, dtype=args.dtype)
+    try:
+        planner = request_planner(model, **_request(args))
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from error
+    engine = Engine(model, tokenizer, planner, Metrics(), chunk_size=args.chunk_size, max_queue=args.max_queue,
+                    prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+    options = ServerOptions(args.served_model_name or args.model or models.DEFAULT_MODEL, args.api_key,
+                            int(args.max_body_mb * 2**20), args.max_tokens_cap, args.default_max_tokens, template)
+    serve(engine, options, args.host, args.port, args.log_level)
 
 
-def _add_method(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="auto", choices=["auto", "selfextend", "string"],
+MODEL_HELP = f"model folder, .gguf file, cached hub id or 'testbed' (default: embedded {models.DEFAULT_MODEL})"
+
+
+def _add_model(parser: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
+    parser.add_argument("--model", help=help)
+
+
+def _add_settings(parser: argparse.ArgumentParser, given: str = "") -> None:
+    """The settings flags of every command that plans: method, G and W, STRING's S and w, and E."""
+    parser.add_argument("--method", default="auto", choices=CHOICES,
                         help="position map: auto (default: SelfExtend, or STRING inside the training length where "
                              "the model's profile measured it better), selfextend, or string (STRING, inside the "
                              "training length only)")
+    parser.add_argument("--group-size", type=int, metavar="G", help=f"SelfExtend's G, with --window{given} "
+                                                                      "(default: planned)")
+    parser.add_argument("--window", type=int, metavar="W", help=f"SelfExtend's W, with --group-size{given}")
     parser.add_argument("--shifted-offset", type=int, metavar="S", help="STRING: distances from S on are shifted "
                                                                          "(default: training length / 3)")
     parser.add_argument("--local-window", type=int, metavar="w", help="STRING: where shifted distances start "
                                                                       "(default 128)")
+    _add_effective_length(parser)
 
 
 def _add_effective_length(parser: argparse.ArgumentParser) -> None:
@@ -332,21 +333,43 @@ def _add_effective_length(parser: argparse.ArgumentParser) -> None:
                         help="plan G and W against this length instead of the model's measured profile")
 
 
+def _add_run_options(parser: argparse.ArgumentParser, quiet: bool = True) -> None:
+    """Options of every command that runs the model."""
+    parser.add_argument("--chunk-size", type=int, default=2048, help="prefill tokens per forward pass")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """The server's own flags."""
+    parser.add_argument("--served-model-name", help="the name clients give as `model` (default: from --model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("SELFEXTEND_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $SELFEXTEND_API_KEY, else none)")
+    parser.add_argument("--chat-template", help="Jinja chat template file, for models without one")
+    parser.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429")
+    parser.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
+    parser.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
+    parser.add_argument("--prefix-cache-mb", type=float, default=2048,
+                        help="memory for kept prefixes, least recently used dropped first (0: no reuse)")
+    parser.add_argument("--max-body-mb", type=float, default=16, help="largest request body")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfextend", description="SelfExtend long-context inference")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = f"model folder, .gguf file or cached hub id (default: embedded {models.DEFAULT_MODEL})"
 
     gen = sub.add_parser("generate", help="answer about a long document, streaming the answer to stdout")
     gen.add_argument("--input", help="text file, or - for stdin")
     gen.add_argument("--sample-tokens", type=int, help="instead of --input, a generated passkey document of N tokens")
     gen.add_argument("--sample-depth", type=float, default=0.5, help="needle depth of the sample, 0..1")
     gen.add_argument("--prompt", help="question appended after the document")
-    gen.add_argument("--model", help=model_help)
-    gen.add_argument("--group-size", type=int)
-    gen.add_argument("--window", type=int)
-    _add_effective_length(gen)
-    _add_method(gen)
+    _add_model(gen)
+    _add_settings(gen)
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_run_options(gen)
@@ -354,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score methods side by side on a long-context task; resumable")
     ev.add_argument("task", help="passkey, niah, multikey, multivalue, vartrack, kv or perplexity")
-    ev.add_argument("--model", help=model_help)
+    _add_model(ev)
     ev.add_argument("--lengths", required=True, help="input lengths in tokens, e.g. 16k,32k,48k (k = 1024)")
     ev.add_argument("--methods", default="vanilla,selfextend",
                     help="comma list of vanilla, selfextend[:G=..,W=..], string[:S=..,w=..], "
@@ -370,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=cmd_eval)
 
     cal = sub.add_parser("calibrate", help="measure the model's effective length E and save it as its profile")
-    cal.add_argument("--model", help=model_help)
+    _add_model(cal)
     cal.add_argument("--threshold", type=float, default=0.9, help="accuracy a length needs to pass (default 0.9)")
     cal.add_argument("--tasks", default="passkey,niah", help="probe tasks (default passkey,niah)")
     cal.add_argument("--depths", default="0.25,0.5,0.75", help="needle depths, a different key at each")
@@ -386,21 +409,22 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(run=cmd_calibrate)
 
     pl = sub.add_parser("plan", help="choose G and W for an input length")
-    pl.add_argument("--model", help=model_help)
+    _add_model(pl)
     pl.add_argument("--length", type=int, help="target length in tokens")
     pl.add_argument("--input", help="measure the length of this file (- for stdin) instead")
-    _add_effective_length(pl)
-    _add_method(pl)
+    _add_settings(pl)
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(run=cmd_plan)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
-    from .serving.server import add_arguments, run as run_server
-    add_arguments(serve)
-    serve.set_defaults(run=run_server)
+    _add_model(serve, MODEL_HELP + "; fixed for the server's life")
+    _add_settings(serve, given=", fixed for every request")
+    _add_serve_options(serve)
+    _add_run_options(serve, quiet=False)
+    serve.set_defaults(run=cmd_serve)
 
     info = sub.add_parser("info", help="family, RoPE, training length and extended layers of a model")
-    info.add_argument("--model", help=model_help)
+    _add_model(info)
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=cmd_info)
     return parser

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -19,17 +19,17 @@ from transformers import AttentionInterface
 from transformers import __version__ as transformers_version
 from transformers.masking_utils import AttentionMaskInterface
 
-from .attention import (KVLayout, grouped_key_count, layout_mask, resolve_backend, resolve_geometry, sequence_starts,
-                        split_sequences)
-from .config import SelfExtendConfig, training_length
+from .attention import (KVLayout, grouped_key_count, layout_mask, packed_sequences, resolve_backend, resolve_geometry,
+                        sequence_starts)
+from .config import CONFIG_KEY, SelfExtendConfig, training_length
 from .grouped_keys import GroupedKeys, cache_layer
-from .planning import InputTooLongError, Plan, plan, plan_for
-from .rotary import GroupedRotation, UnsupportedModelError, find_rope
+from .errors import InputTooLongError, UnsupportedModelError
+from .planning import Plan, plan, resolve
+from .rotary import GroupedRotation, find_rope
 from .transformers_compat import given_cache
 
 ATTENTION_NAME = "selfextend"
 _STATE = "selfextend_state"
-CONFIG_KEY = "selfextend"  # the settings as saved in config.json
 _PREVIOUS = "_selfextend_previous_attn_implementation"
 _HOOK = "_selfextend_hook"
 _KEPT = "_selfextend_kept_keys"  # this call's GroupedKeys, set by the forward pre-hook
@@ -82,37 +82,37 @@ def _attention_forward(
 
     kept: GroupedKeys | None = getattr(module, _KEPT, None)
     setattr(module, _KEPT, None)  # the cache layer may go away: keep no reference past this call
-
-    def attend(q, k, v, geometry, whole_call=False):
-        if window is not None:
-            return backend.local(q, k, v, geometry, window, scale)
-        _warn_if_too_long(state, geometry)
-        key_grouped = None
-        n_grouped = grouped_key_count(geometry, q.shape[2], k.shape[2], state.rotation.window_size)
-        if whole_call and n_grouped and geometry.valid is None and q.shape[0] == 1:  # where kept keys serve
-            if kept is not None:
-                key_grouped = kept.extend(k, geometry, state.rotation, n_grouped)
-            elif state.keep_grouped_keys and k.shape[2] > q.shape[2] and not torch.compiler.is_compiling():
-                _warn_not_kept(state)
-        return backend.selfextend(q, k, v, geometry, state.rotation, scale, key_grouped)
-
     b, n, m = query.shape[0], query.shape[2], key.shape[2]
     layout = attention_mask or KVLayout(q_offset=m - n, kv_offset=0)
     starts = sequence_starts(layout, position_ids, b, n, m, query.device, kwargs.get("cu_seq_lens_q"))
-    runs = split_sequences(starts)
-    if runs is None:
+    parts = packed_sequences(layout, starts, query.device)
+    if parts is None:
         geometry = resolve_geometry(layout, None, b, n, m, query.device, starts)
-        return attend(query, key, value, geometry, whole_call=True), None
+        return _attend_sequence(state, backend, query, key, value, geometry, window, scale, kept, whole_call=True), None
     out = query.new_empty(b, n, query.shape[1], query.shape[3])
-    for row, t0, t1 in runs:  # packed: each sequence on its own, over its own keys only
-        start = starts[row:row + 1, t0:t1]
-        k0, k1 = max(int(start[0, 0]), layout.kv_offset) - layout.kv_offset, layout.q_offset + t1 - layout.kv_offset
-        valid = None if layout.valid is None else layout.valid[row:row + 1, k0:k1]
-        part = KVLayout(layout.q_offset + t0, layout.kv_offset + k0, valid, layout.local_window)
-        geometry = resolve_geometry(part, None, 1, t1 - t0, k1 - k0, query.device, start)
-        r = slice(row, row + 1)
-        out[r, t0:t1] = attend(query[r, :, t0:t1], key[r, :, k0:k1], value[r, :, k0:k1], geometry)
+    for part in parts:  # packed: each sequence on its own, over its own keys only
+        r = slice(part.row, part.row + 1)
+        out[r, part.queries] = _attend_sequence(state, backend, query[r, :, part.queries], key[r, :, part.keys],
+                                                value[r, :, part.keys], part.geometry, window, scale)
     return out, None
+
+
+def _attend_sequence(state: _State, backend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry,
+                     window: int | None, scale: float, kept: GroupedKeys | None = None,
+                     whole_call: bool = False) -> torch.Tensor:
+    """Attention of rows holding one sequence each: the layer's sliding window, or the position map (with the
+    grouped keys kept beside the cache, where a whole call of one unpadded sequence can use them)."""
+    if window is not None:
+        return backend.local(query, key, value, geometry, window, scale)
+    _warn_if_too_long(state, geometry)
+    key_grouped = None
+    n_grouped = grouped_key_count(geometry, query.shape[2], key.shape[2], state.rotation.window_size)
+    if whole_call and n_grouped and geometry.valid is None and query.shape[0] == 1:  # where kept keys serve
+        if kept is not None:
+            key_grouped = kept.extend(key, geometry, state.rotation, n_grouped)
+        elif state.keep_grouped_keys and key.shape[2] > query.shape[2] and not torch.compiler.is_compiling():
+            _warn_not_kept(state)
+    return backend.selfextend(query, key, value, geometry, state.rotation, scale, key_grouped)
 
 
 def _warn_not_kept(state: _State) -> None:
@@ -164,40 +164,41 @@ def apply(
 
     Give group_size and window_size, or neither and input_length to have them planned (against
     `effective_length` if given, else the model's measured profile, else its training length), or
-    nothing to restore the settings saved in the model's config. Applying again replaces the settings.
+    nothing to restore the settings saved in the model's config. With group_size and window_size,
+    `effective_length` records the E they were planned against. Applying again replaces the settings.
     method="string" maps positions by STRING instead (shifted_offset S, default L/3; local_window w,
-    default min(128, S/2)); it does not extend past the training length. Sliding-window layers keep
-    their window and RoPE. keep_grouped_keys keeps each full-attention layer's grouped keys beside its
-    KV cache (one more key tensor per layer), so a decode step rotates only its new keys.
+    default min(128, S/2)); it does not extend past the training length; method="auto" lets the planner
+    choose by the model's profile. Sliding-window layers keep their window and RoPE. keep_grouped_keys
+    keeps each full-attention layer's grouped keys beside its KV cache (one more key tensor per layer),
+    so a decode step rotates only its new keys.
     """
-    text_config = model.config.get_text_config()
-    rope = find_rope(model, text_config)
-    train_length = training_length(model)
+    rope = find_rope(model, model.config.get_text_config())
     saved = getattr(model.config, CONFIG_KEY, None)
-    bare = group_size is None and window_size is None and input_length is None
-    if method == "selfextend" and bare and shifted_offset is None and local_window is None and isinstance(saved, dict):
-        method = saved.get("method", "selfextend")
-        group_size, window_size = saved.get("group_size"), saved.get("window_size")
-        shifted_offset, local_window = saved.get("shifted_offset"), saved.get("local_window")
-        effective_length = saved.get("effective_length")
-    if method == "string":
-        config = _string_config(train_length, group_size, window_size, shifted_offset, local_window, input_length,
-                                backend)
+    given = (group_size, window_size, shifted_offset, local_window, input_length, effective_length)
+    if method == "selfextend" and given == (None,) * 6 and isinstance(saved, dict):
+        config = SelfExtendConfig.from_saved(saved, training_length(model), backend)
     else:
-        if shifted_offset is not None or local_window is not None:
-            raise ValueError("shifted_offset and local_window are STRING's settings: give method='string'")
-        if group_size is None and window_size is None:
-            if input_length is None:
-                raise ValueError("give group_size and window_size, or input_length to plan them")
-            chosen = plan_for(model, input_length, effective_length)
-            group_size, window_size, effective_length = (chosen.group_size, chosen.window_size,
-                                                         chosen.effective_length)
-        elif group_size is None or window_size is None:
-            raise ValueError("give both group_size and window_size, or neither (with input_length)")
-        config = SelfExtendConfig(group_size, window_size, train_length, backend, effective_length, method)
-    resolve_backend(backend, next(model.parameters()).device)  # fails early on an unknown name
-    state = _State(config, GroupedRotation(config.group_size, config.window_size, rope, config.offset),
-                   keep_grouped_keys)
+        recorded = effective_length if group_size is not None or window_size is not None else None
+        chosen = resolve(model, input_length, method=method, group_size=group_size, window_size=window_size,
+                         shifted_offset=shifted_offset, local_window=local_window, backend=backend,
+                         effective_length=None if recorded is not None else effective_length)
+        config = chosen.settings
+        if recorded is not None:
+            config = replace(config, effective_length=recorded, effective_source="given")
+    return _install(model, config, rope, keep_grouped_keys)
+
+
+def apply_plan(model: nn.Module, chosen: Plan, backend: str = "auto", keep_grouped_keys: bool = True) -> nn.Module:
+    """Apply the settings a plan holds."""
+    rope = find_rope(model, model.config.get_text_config())
+    return _install(model, replace(chosen.settings, backend=backend), rope, keep_grouped_keys)
+
+
+def _install(model: nn.Module, config: SelfExtendConfig, rope, keep_grouped_keys: bool) -> nn.Module:
+    """Put `config` on every attention module and switch the model to the "selfextend" attention function."""
+    resolve_backend(config.backend, next(model.parameters()).device)  # fails early on an unknown name
+    far = config.far_pass
+    state = _State(config, GroupedRotation(far.group_size, far.window_size, rope, far.offset), keep_grouped_keys)
     modules = _attention_modules(model)
     if not modules:
         raise UnsupportedModelError(f"{type(model).__name__} has no attention layers that SelfExtend recognises")
@@ -214,36 +215,8 @@ def apply(
         raise UnsupportedModelError(
             f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface"
         )
-    setattr(model.config, CONFIG_KEY, _saved(config))
+    setattr(model.config, CONFIG_KEY, config.to_saved())
     return model
-
-
-def apply_plan(model: nn.Module, chosen: Plan, backend: str = "auto") -> nn.Module:
-    """Apply what a plan chose: STRING's S and w, or SelfExtend's G and W (with the E they were planned against)."""
-    if chosen.method == "string":
-        return apply(model, method="string", shifted_offset=chosen.window_size, local_window=chosen.local_window,
-                     backend=backend)
-    return apply(model, chosen.group_size, chosen.window_size, effective_length=chosen.effective_length,
-                 backend=backend)
-
-
-def _string_config(train_length: int, group_size, window_size, shifted_offset: int | None,
-                   local_window: int | None, input_length: int | None, backend: str) -> SelfExtendConfig:
-    """STRING's settings (defaults filled in), or a clear error for what STRING cannot take."""
-    if group_size is not None or window_size is not None:
-        raise ValueError("STRING takes shifted_offset and local_window, not group_size and window_size")
-    if input_length is not None and input_length > train_length:
-        raise ValueError(f"STRING does not extend past the training length: {input_length} tokens > L = "
-                         f"{train_length}; use SelfExtend (method='selfextend') for longer inputs")
-    return SelfExtendConfig.string(train_length, shifted_offset, local_window, backend)
-
-
-def _saved(config: SelfExtendConfig) -> dict:
-    """The settings as stored in config.selfextend, enough for a bare apply(model) to restore them."""
-    if config.method == "string":
-        return {"method": "string", "shifted_offset": config.window_size, "local_window": config.local_window}
-    return {"group_size": config.group_size, "window_size": config.window_size,
-            "effective_length": config.effective_length}
 
 
 def remove(model: nn.Module) -> nn.Module:

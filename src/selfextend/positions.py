@@ -2,15 +2,18 @@
 
 Query at position i, key at j <= i, group size G, window W, query offset c:
 near pairs (i - j < W) keep RoPE positions (i, j); far pairs (i - j >= W) use query position
-floor(i/G) + c and key position floor(j/G). Two presets:
+floor(i/G) + c and key position floor(j/G). Two presets (`POSITION_MAPS`):
 - SelfExtend (Jin et al., 2024): c = W - floor(W/G), so the far pass continues the neighbor window.
 - STRING (An et al., 2025) with shifted offset S and local value w: G = 1, W = S, c = w - S, so a far
   pair at distance d sits at relative position d - S + w.
-Every function works on Python ints and on integer tensors alike.
+Every function works on Python ints and on integer tensors alike. A new preset is one more entry in
+`POSITION_MAPS` (its settings' names and what they give) plus those settings' fields in config.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -53,3 +56,43 @@ def largest_position_used(length: int, group_size: int, window_size: int) -> int
     if length <= window_size:
         return length
     return window_size + -(-(length - window_size) // group_size)
+
+
+def string_largest_position(length: int, shifted_offset: int, local_window: int) -> int:
+    """Largest RoPE distance a `length`-token input produces under STRING: N - S + w once N passes S."""
+    return length if length <= shifted_offset else length - shifted_offset + local_window
+
+
+@dataclass(frozen=True)
+class FarPass:
+    """The far pass's group size G, window W and query offset c."""
+
+    group_size: int
+    window_size: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class PositionMap:
+    """A preset: the names of its own settings and, from their values (in that order), its far pass, the
+    longest input it reads for training length L, and the largest position an N-token input uses."""
+
+    title: str
+    settings: tuple[str, ...]
+    far_pass: Callable[..., FarPass]
+    limit: Callable[..., int]  # (L, *settings)
+    largest_position: Callable[..., int]  # (N, *settings)
+    extends: bool  # reads past the training length
+
+
+POSITION_MAPS: dict[str, PositionMap] = {
+    "selfextend": PositionMap(
+        "SelfExtend", ("group_size", "window_size"),
+        far_pass=lambda group, window: FarPass(group, window, selfextend_offset(group, window)),
+        limit=extended_limit, largest_position=largest_position_used, extends=True),
+    "string": PositionMap(
+        "STRING", ("shifted_offset", "local_window"),
+        far_pass=lambda shifted, local: FarPass(1, shifted, string_offset(shifted, local)),
+        limit=lambda train_length, shifted, local: train_length, largest_position=string_largest_position,
+        extends=False),
+}

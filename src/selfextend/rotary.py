@@ -13,11 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UnsupportedModelError
 from .positions import grouped_key_position, grouped_query_position
-
-
-class UnsupportedModelError(ValueError):
-    """The model cannot take SelfExtend; the message names the reason."""
 
 
 def rotation_tables(delta: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

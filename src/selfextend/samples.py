@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+
+CountTokens = Callable[[str], int]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -18,12 +21,17 @@ class PasskeySample:
     answer: str
 
 
+def token_counter(tokenizer) -> CountTokens:
+    """How many tokens `tokenizer` makes of a piece of text, special tokens left out: what documents are sized by."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 def needle(key: str) -> str:
     """The authors' needle sentence for `key`."""
     return f"The pass key is {key}. Remember it. {key} is the pass key. "
 
 
-def passkey_sample(count_tokens, n_tokens: int, depth: float = 0.5, digits: int = 5,
+def passkey_sample(count_tokens: CountTokens, n_tokens: int, depth: float = 0.5, digits: int = 5,
                    seed: int = 0) -> PasskeySample:
     """A passkey document of about `n_tokens` tokens (as counted by `count_tokens(text)`), needle at `depth`."""
     if not 0.0 <= depth <= 1.0:

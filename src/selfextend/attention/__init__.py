@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 
 from . import blockwise, reference
-from .layout import (Geometry, KVLayout, grouped_key_count, layout_mask, resolve_geometry, sequence_starts,
-                     split_sequences)
+from .layout import (Geometry, KVLayout, grouped_key_count, layout_mask, packed_sequences, resolve_geometry,
+                     sequence_starts)
 
 
 @dataclass(frozen=True)
@@ -48,5 +48,5 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     return BACKENDS[name]
 
 
-__all__ = ["BACKENDS", "Backend", "Geometry", "KVLayout", "grouped_key_count", "layout_mask", "resolve_backend",
-           "resolve_geometry", "sequence_starts", "split_sequences"]
+__all__ = ["BACKENDS", "Backend", "Geometry", "KVLayout", "grouped_key_count", "layout_mask", "packed_sequences",
+           "resolve_backend", "resolve_geometry", "sequence_starts"]

@@ -80,7 +80,7 @@ def _block_mask(geometry: Geometry, n_queries: int, n_keys: int, low: int, high:
     return mask
 
 
-def _attend(query, key, value, geometry, low, high, scale):
+def _attend_band(query, key, value, geometry, low, high, scale):
     n, m = query.shape[2], key.shape[2]
     return _run(query, key, value, _block_mask(geometry, n, m, low, high, query.device), scale)
 
@@ -96,13 +96,13 @@ def selfextend_attention(
         return blockwise.selfextend_attention(query, key, value, geometry, rotation, scale, key_grouped)
     W = rotation.window_size
     outputs, lses = [], []
-    out, lse = _attend(query, key, value, geometry, 0, W, scale)
+    out, lse = _attend_band(query, key, value, geometry, 0, W, scale)
     outputs.append(out)
     lses.append(lse)
     if geometry.shift + query.shape[2] - 1 >= W:  # some query reaches grouped distance
         query_grouped = rotation(query, geometry.query_positions, "query")
         key_grouped = rotation(key, geometry.key_positions, "key")
-        out, lse = _attend(query_grouped, key_grouped, value, geometry, W, None, scale)
+        out, lse = _attend_band(query_grouped, key_grouped, value, geometry, W, None, scale)
         outputs.append(out)
         lses.append(lse)
     return merge_states(outputs, lses).to(query.dtype).transpose(1, 2)
@@ -114,5 +114,5 @@ def local_attention(
     """Sliding-window attention through a band block mask: O(n·window)."""
     if query.shape[2] < MIN_QUERIES or needs_grad(query, key, value):
         return blockwise.local_attention(query, key, value, geometry, window, scale)
-    out, lse = _attend(query, key, value, geometry, 0, window, scale)
+    out, lse = _attend_band(query, key, value, geometry, 0, window, scale)
     return merge_states([out], [lse]).to(query.dtype).transpose(1, 2)

@@ -114,7 +114,7 @@ def sequence_starts(
     return starts.gather(1, torch.where(take < 0, first_real[:, None], take))
 
 
-def split_sequences(starts: torch.Tensor) -> list[tuple[int, int, int]] | None:
+def _split_sequences(starts: torch.Tensor) -> list[tuple[int, int, int]] | None:
     """(row, first query, end) of each sequence when some row holds several (packed); None otherwise."""
     changes = starts[:, 1:] != starts[:, :-1]
     if not bool(changes.any()):
@@ -124,6 +124,32 @@ def split_sequences(starts: torch.Tensor) -> list[tuple[int, int, int]] | None:
         cuts = [0, *(torch.nonzero(changes[row]).flatten() + 1).tolist(), starts.shape[1]]
         runs += [(row, a, b) for a, b in zip(cuts, cuts[1:])]
     return runs
+
+
+@dataclass(frozen=True)
+class SequencePart:
+    """One sequence of a packed row: its row, its queries and keys (slices of the call's) and its geometry."""
+
+    row: int
+    queries: slice
+    keys: slice
+    geometry: "Geometry"
+
+
+def packed_sequences(layout: KVLayout, starts: torch.Tensor, device: torch.device) -> list[SequencePart] | None:
+    """Each sequence of packed rows over its own keys only; None when every row holds one sequence."""
+    runs = _split_sequences(starts)
+    if runs is None:
+        return None
+    parts = []
+    for row, t0, t1 in runs:
+        start = starts[row:row + 1, t0:t1]
+        k0, k1 = max(int(start[0, 0]), layout.kv_offset) - layout.kv_offset, layout.q_offset + t1 - layout.kv_offset
+        valid = None if layout.valid is None else layout.valid[row:row + 1, k0:k1]
+        part = KVLayout(layout.q_offset + t0, layout.kv_offset + k0, valid, layout.local_window)
+        geometry = resolve_geometry(part, None, 1, t1 - t0, k1 - k0, device, start)
+        parts.append(SequencePart(row, slice(t0, t1), slice(k0, k1), geometry))
+    return parts
 
 
 def resolve_geometry(

@@ -22,11 +22,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import training_length
-from ..evaluation.tasks import TASKS, is_correct
 from ..inference import respond
-from ..integration import apply, apply_plan, remove, settings
-from .plan import plan
-from .profiles import Profile, model_identity
+from ..integration import apply_plan, remove, settings
+from ..planning import Profile, model_identity, resolve
+from ..samples import token_counter
+from .tasks import TASKS, is_correct
 
 DEFAULT_TASKS = ("passkey", "niah")
 DEFAULT_DEPTHS = (0.25, 0.5, 0.75)
@@ -66,8 +66,7 @@ class Probes:
 
 def _probe(model: nn.Module, tokenizer, probes: Probes, task: str, length: int, depth: float, index: int) -> bool:
     """One probe: the `task` sample at `length` tokens and `depth` (its key chosen by `index`), answered right?"""
-    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
-    sample = TASKS[task](count, length, depth, index)
+    sample = TASKS[task](token_counter(tokenizer), length, depth, index)
     ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(model.device)
     return is_correct(sample.expected, respond(model, tokenizer, ids, sample.max_new_tokens, probes.chunk_size))
 
@@ -100,10 +99,9 @@ def compare(model: nn.Module, tokenizer, profile: Profile, probes: Probes = Prob
               disable=not progress, dynamic_ncols=True) as bar:
         for length in lengths:
             for method in methods:
-                if method == "string":
-                    apply(model, method="string", input_length=length)
-                else:
-                    apply_plan(model, plan(profile.train_length, length, profile.effective_length))
+                planned_against = None if method == "string" else profile.effective_length
+                apply_plan(model, resolve(profile.train_length, length, method=method,
+                                          effective_length=planned_against))
                 correct = 0
                 try:
                     for index, depth in enumerate(probes.depths):
@@ -125,7 +123,7 @@ def calibrate(model: nn.Module, tokenizer, name: str, probes: Probes = Probes(),
     if settings(model) is not None:
         raise CalibrationError("calibrate measures the model's own attention: call selfextend.remove(model) first")
     train_length = training_length(model)
-    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    count = token_counter(tokenizer)
     shortest = max(count(TASKS[task](count, 1, 0.5, 0).prompt) for task in probes.tasks) + 1
     start = min(train_length, max(shortest, start or train_length // 8))
     resolution = max(1, resolution or train_length // 16)

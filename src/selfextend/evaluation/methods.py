@@ -18,15 +18,17 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from ..config import SelfExtendConfig, training_length
-from ..integration import apply, remove
-from ..planning import plan_for
+from ..config import SPEC, check_request, training_length
+from ..integration import apply_plan, remove
+from ..planning import Plan, resolve
+from ..positions import POSITION_MAPS
 from ..rotary import find_rope, rope_parameters_of
 
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
-METHODS = ("vanilla", "selfextend", "string") + ROPE_SCALINGS
+EVAL_METHODS = ("vanilla", *POSITION_MAPS, *ROPE_SCALINGS)
 _PARAMETERS = {"vanilla": (), "selfextend": ("G", "W"), "string": ("S", "w"), "linear": ("factor",),
                "dynamic": ("factor",), "yarn": ("factor",)}
+_SETTINGS = {"G": "group_size", "W": "window_size", "S": "shifted_offset", "w": "local_window"}  # spec -> setting
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,8 @@ class Method:
     def parse(cls, spec: str) -> "Method":
         """`yarn`, `linear:factor=4`, `selfextend:G=8,W=1024`, `string:S=10922,w=128`."""
         name, _, rest = spec.strip().partition(":")
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        if name not in EVAL_METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(EVAL_METHODS)}")
         fixed = {}
         for item in filter(None, rest.split(",")):
             key, _, value = item.partition("=")
@@ -49,9 +51,10 @@ class Method:
                 allowed = ", ".join(_PARAMETERS[name]) or "none"
                 raise ValueError(f"bad parameter {item!r} for {name} (parameters: {allowed})")
             fixed[key] = float(value) if key == "factor" else int(value)
-        if name == "selfextend" and len(fixed) == 1:
-            raise ValueError("give both G and W for selfextend, or neither to have them planned")
-        return cls(name, fixed)
+        method = cls(name, fixed)
+        if name in POSITION_MAPS:
+            check_request(name, **method._settings, names=SPEC)
+        return method
 
     @classmethod
     def parse_list(cls, text: str) -> list["Method"]:
@@ -68,17 +71,28 @@ class Method:
     def spec(self) -> str:
         return self.name + (":" + ",".join(f"{k}={v}" for k, v in self.fixed.items()) if self.fixed else "")
 
+    @property
+    def _settings(self) -> dict:
+        return {_SETTINGS[key]: value for key, value in self.fixed.items()}
+
+    def plan(self, model: PreTrainedModel, length: int, effective_length: int | None = None) -> Plan | None:
+        """A position map's plan at `length` tokens (fixed settings, the rest planned against `effective_length`
+        or the model's profile); None for the other methods."""
+        if self.name not in POSITION_MAPS:
+            return None
+        planned_against = None if self.fixed or self.name == "string" else effective_length
+        return resolve(model, length, method=self.name, **self._settings, effective_length=planned_against,
+                       names=SPEC)
+
     def parameters(self, model: PreTrainedModel, length: int, effective_length: int | None = None) -> dict:
         """The parameters used at `length` tokens: the fixed ones, the others fitted (SelfExtend's by the
         planner, against `effective_length` or the model's measured profile)."""
-        if self.name == "selfextend":
-            if self.fixed:
-                return dict(self.fixed)
-            chosen = plan_for(model, length, effective_length)
-            return {"G": chosen.group_size, "W": chosen.window_size}
-        if self.name == "string":
-            config = SelfExtendConfig.string(training_length(model), self.fixed.get("S"), self.fixed.get("w"))
-            return {"S": config.window_size, "w": config.local_window}
+        return self._parameters(model, length, self.plan(model, length, effective_length))
+
+    def _parameters(self, model: PreTrainedModel, length: int, chosen: Plan | None) -> dict:
+        if chosen is not None:
+            labels = _PARAMETERS[self.name]
+            return dict(zip(labels, (chosen.settings.own_settings[_SETTINGS[label]] for label in labels)))
         if self.name in ROPE_SCALINGS:
             return {"factor": self.fixed.get("factor", round(max(1.0, length / training_length(model)), 4))}
         return {}
@@ -88,15 +102,10 @@ class Method:
 def applied(model: PreTrainedModel, method: Method, length: int,
             effective_length: int | None = None) -> Iterator[dict]:
     """`model` running `method` for inputs of `length` tokens, restored on exit; yields the parameters."""
-    params = method.parameters(model, length, effective_length)
-    if method.name == "selfextend":
-        apply(model, params["G"], params["W"])
-        try:
-            yield params
-        finally:
-            remove(model)
-    elif method.name == "string":
-        apply(model, method="string", shifted_offset=params["S"], local_window=params["w"], input_length=length)
+    chosen = method.plan(model, length, effective_length)
+    params = method._parameters(model, length, chosen)
+    if chosen is not None:
+        apply_plan(model, chosen)
         try:
             yield params
         finally:

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import training_length
 from ..inference import respond
+from ..samples import token_counter
 from .methods import Method, applied
 from .perplexity import bucket_means, token_nll
 from .tasks import TASKS, is_correct
@@ -108,7 +109,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ev: Eva
     done = {_key(row) for row in load_rows(out_dir)}
     todo = [(job, m) for job in _jobs(ev) for m in ev.methods
             if (ev.task, ev.model_name, m.spec, job[0], job[1], job[2]) not in done]
-    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    count = token_counter(tokenizer)
     document = tokenizer(kjv_text(), return_tensors="pt").input_ids if ev.task == PERPLEXITY else None
     if document is not None and document.shape[1] < max(ev.lengths):
         raise ValueError(f"the bundled text has {document.shape[1]} tokens in this tokenizer, fewer than "

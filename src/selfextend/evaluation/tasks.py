@@ -15,10 +15,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..samples import FILLER, passkey_sample
+from ..samples import FILLER, CountTokens, passkey_sample
 from .texts import kjv_text
-
-CountTokens = Callable[[str], int]
 
 WORDS = ("apple", "river", "candle", "falcon", "harbor", "lantern", "meadow", "pepper", "quartz", "saddle",
          "thunder", "violin", "walnut", "zephyr", "anchor", "bishop", "copper", "dragon", "ember", "forest",

@@ -44,15 +44,11 @@ def choose(train_length: int, target_length: int, profile: Profile | None, effec
                 f"SelfExtend {selfextend[0]}/{selfextend[1]}")
     if string[0] * selfextend[1] <= selfextend[0] * string[1]:
         return replace(chosen, reason=f"{chosen.reason}. SelfExtend: {measured}")
-    return string_plan(SelfExtendConfig.string(train_length), target_length, measured, effective_length,
-                       effective_source)
+    return string_plan(SelfExtendConfig.string(train_length, effective_length=effective_length,
+                                               effective_source=effective_source), target_length, measured)
 
 
-def string_plan(config: SelfExtendConfig, target_length: int, why: str, effective_length: int | None = None,
-                effective_source: str | None = None) -> Plan:
-    """STRING's settings `config` as a plan for `target_length` tokens (G = 1, W = S, limit L)."""
-    shifted, local = config.window_size, config.local_window
-    largest = target_length if target_length <= shifted else target_length - shifted + local
-    return Plan(config.train_length, target_length, 1, shifted, config.train_length, largest,
-                f"STRING with S = {shifted}, w = {local}: {why}", effective_length, effective_source,
-                method="string", local_window=local)
+def string_plan(settings: SelfExtendConfig, target_length: int | None, why: str) -> Plan:
+    """STRING's settings as a plan for `target_length` tokens, with why they were chosen."""
+    return Plan(settings, target_length,
+                f"STRING with S = {settings.shifted_offset}, w = {settings.local_window}: {why}")

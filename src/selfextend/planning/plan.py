@@ -13,66 +13,70 @@ even this cannot read is refused.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+from ..config import MIN_PLANNING_LENGTH, SelfExtendConfig, check_effective_length
+from ..errors import InputTooLongError
 from ..positions import extended_limit, largest_position_used
 
 MAX_GROUP = 64  # beyond this, grouped positions are too coarse to be useful
-MIN_PLANNING_LENGTH = 16  # below this there is no usable neighbor window (P/16 >= 1)
 BUDGET_NUMERATOR, BUDGET_DENOMINATOR = 2, 3  # largest position within 2/3 of P (the authors' 1/2-2/3 rule)
 WINDOW_DIVISOR = 4  # W = P/4
 MIN_WINDOW_DIVISOR = 16  # W is never shrunk below P/16
 
 
-class InputTooLongError(ValueError):
-    """No sensible group size makes the input fit."""
-
-
 @dataclass(frozen=True)
 class Plan:
-    """The chosen G and W, what they allow, and why."""
+    """Settings chosen for an input of `target_length` tokens (None: given without a length), and why."""
 
-    train_length: int
-    target_length: int
-    group_size: int
-    window_size: int
-    max_length: int
-    largest_position: int
+    settings: SelfExtendConfig
+    target_length: int | None
     reason: str
-    effective_length: int | None = None  # the E planned against; None: planned against the training length
-    effective_source: str | None = None  # where E came from ("given", or the profile file)
-    method: str = "selfextend"  # or "string": then window_size is STRING's S and local_window its w
-    local_window: int | None = None
+
+    train_length = property(lambda self: self.settings.train_length)
+    method = property(lambda self: self.settings.method)
+    group_size = property(lambda self: self.settings.group_size)
+    window_size = property(lambda self: self.settings.window_size)
+    local_window = property(lambda self: self.settings.local_window)
+    effective_length = property(lambda self: self.settings.effective_length)
+    effective_source = property(lambda self: self.settings.effective_source)
+    max_length = property(lambda self: self.settings.max_length)
+
+    @property
+    def largest_position(self) -> int | None:
+        """The largest RoPE position the target length uses under these settings."""
+        return None if self.target_length is None else self.settings.largest_position(self.target_length)
 
     @property
     def planning_length(self) -> int:
         """P: the length the plan keeps positions within (E if known, else L)."""
         return self.effective_length or self.train_length
 
+    @property
+    def fits(self) -> bool:
+        """Whether the target length is within the settings' limit."""
+        return self.target_length is None or self.target_length <= self.max_length
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "planning_length": self.planning_length}
+        """The plan for JSON (`selfextend plan --json`)."""
+        return {"train_length": self.train_length, "target_length": self.target_length,
+                "group_size": self.group_size, "window_size": self.window_size, "max_length": self.max_length,
+                "largest_position": self.largest_position, "reason": self.reason,
+                "effective_length": self.effective_length, "effective_source": self.effective_source,
+                "method": self.method, "local_window": self.local_window, "planning_length": self.planning_length}
 
-
-def check_effective_length(train_length: int, effective_length: int) -> int:
-    """`effective_length` if it is a usable E for a model trained on `train_length`, else a clear error."""
-    if isinstance(effective_length, bool) or not isinstance(effective_length, int):
-        raise TypeError(f"effective length must be an integer number of tokens, got {effective_length!r}")
-    if effective_length > train_length:
-        raise ValueError(f"effective length {effective_length} is larger than the training length {train_length}: "
-                         "a model does not handle more than it was trained on")
-    if effective_length < MIN_PLANNING_LENGTH:
-        raise ValueError(f"effective length {effective_length} is shorter than {MIN_PLANNING_LENGTH} tokens: too "
-                         "short for any usable neighbor window")
-    return effective_length
-
-
-def plan_with(train_length: int, target_length: int, group_size: int, window_size: int, reason: str,
-              effective_length: int | None = None, effective_source: str | None = None) -> Plan:
-    """The plan of a chosen G and W (by the rule below, or given by hand), with what they allow."""
-    return Plan(train_length, target_length, group_size, window_size,
-                extended_limit(train_length, group_size, window_size),
-                largest_position_used(target_length, group_size, window_size), reason, effective_length,
-                effective_source)
+    def describe(self) -> list[tuple[str, object]]:
+        """The plan as labelled rows for people (`selfextend plan`); the reason goes beside them."""
+        if self.method == "string":
+            rows = [("method", "STRING"), ("shifted offset S", self.settings.shifted_offset),
+                    ("local window w", self.local_window), ("limit (STRING: L)", self.max_length),
+                    ("largest position N-S+w", self.largest_position)]
+        else:
+            rows = [("group size G", self.group_size), ("window W", self.window_size),
+                    ("extended limit (L-W)·G+W", self.max_length),
+                    ("largest position W+(N-W)/G", self.largest_position)]
+        return [("training length L", self.train_length), ("effective length E", self.effective_length or "not known"),
+                ("target length N", self.target_length), *rows]
 
 
 def longest_input(train_length: int, effective_length: int | None = None) -> int:
@@ -104,7 +108,9 @@ def plan(train_length: int, target_length: int, effective_length: int | None = N
             if effective_length else f"training length L = {length}")
 
     def made(group: int, window: int, reason: str) -> Plan:
-        return plan_with(train_length, target_length, group, window, reason, effective_length, effective_source)
+        settings = SelfExtendConfig("selfextend", train_length, group, window, effective_length=effective_length,
+                                    effective_source=effective_source)
+        return Plan(settings, target_length, reason)
 
     window = length // WINDOW_DIVISOR
     if target_length <= length:

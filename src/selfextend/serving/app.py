@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..planning import InputTooLongError
+from ..errors import InputTooLongError
 from .engine import Engine, Job, Params, QueueFullError, Result
 from .guards import ApiKey, BodyLimit
 from .metrics import CountRequests
@@ -172,9 +172,7 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
             job.cancelled.set()  # a no-op once the job is over; stops it if the client left
 
     def plan_info(params: Params, result: Result | None) -> dict:
-        info = PlanInfo(method=params.plan.method, local_window=params.plan.local_window,
-                        group_size=params.plan.group_size, window_size=params.plan.window_size,
-                        effective_length=params.plan.effective_length, reason=params.plan.reason)
+        info = PlanInfo(**params.plan.settings.to_json(), reason=params.plan.reason)
         if result is not None:
             info.cached_tokens, info.queue_seconds = result.cached_tokens, round(result.queue_seconds, 3)
             info.prefill_seconds, info.decode_seconds = round(result.prefill_seconds, 3), round(result.decode_seconds, 3)
@@ -186,10 +184,7 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
                 "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
 
     def headers(params: Params) -> dict[str, str]:
-        chosen = params.plan
-        if chosen.method == "string":
-            return {"x-selfextend-plan": f"STRING S={chosen.window_size}, w={chosen.local_window}"}
-        return {"x-selfextend-plan": f"G={chosen.group_size}, W={chosen.window_size}"}
+        return {"x-selfextend-plan": params.plan.settings.describe()}
 
     async def run(body: Sampling, ids: list[int], request: Request, chat: bool):
         params = params_of(body, ids)

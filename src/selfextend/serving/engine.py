@@ -18,15 +18,13 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..config import training_length
+from ..config import FLAGS
 from ..inference import answer, pad_id, prefill, sampling
 from ..integration import apply_plan, settings as applied_settings
-from ..config import SelfExtendConfig
-from ..planning import InputTooLongError, Plan, choose, longest_input, measured, plan, plan_with, string_plan
-from ..positions import extended_limit
+from ..planning import Plan, Planner, planner
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, Recorder, restore
 from .text import Detokenizer
@@ -42,51 +40,10 @@ class Cancelled(Exception):
     """The client went away."""
 
 
-class RequestPlanner:
-    """The plan per request: chosen like `generate` (method and G/W, against the measured profile), or fixed at
-    start (a method, or G and W)."""
-
-    def __init__(self, model: PreTrainedModel, group_size: int | None = None, window_size: int | None = None,
-                 effective_length: int | None = None, method: str = "auto", shifted_offset: int | None = None,
-                 local_window: int | None = None):
-        if (group_size is None) != (window_size is None):
-            raise ValueError("give both group size and window, or neither to have them planned per request")
-        if group_size is not None and (effective_length is not None or method == "string"):
-            raise ValueError("a fixed group size and window are SelfExtend's: give no effective length or STRING")
-        if method not in ("auto", "selfextend", "string"):
-            raise ValueError(f"unknown method {method!r}: choose auto, selfextend or string")
-        if method != "string" and (shifted_offset is not None or local_window is not None):
-            raise ValueError("a shifted offset and local window are STRING's settings: give method 'string'")
-        self.train_length = training_length(model)
-        self.method = method
-        self.string = (SelfExtendConfig.string(self.train_length, shifted_offset, local_window) if method == "string"
-                       else None)
-        self.fixed = (group_size, window_size) if group_size is not None else None
-        self.profile, self.effective_length, self.source = (None, None, None) if self.fixed else \
-            measured(model, effective_length)
-        if self.fixed:
-            self.limit = extended_limit(self.train_length, *self.fixed)
-        elif method == "string":
-            self.limit = self.train_length
-        else:
-            self.limit = longest_input(self.train_length, self.effective_length)
-
-    def plan(self, total_length: int) -> Plan:
-        """The plan for a prompt plus its new tokens; InputTooLongError past the limit."""
-        if self.method == "string":
-            if total_length > self.limit:
-                raise InputTooLongError(f"{total_length} tokens are past the training length {self.limit}, and "
-                                        "STRING (this server's --method) does not extend past it")
-            return string_plan(self.string, total_length, "given when the server started")
-        if self.fixed is None:
-            if self.method == "auto":
-                return choose(self.train_length, total_length, self.profile, self.effective_length, self.source)
-            return plan(self.train_length, total_length, self.effective_length, self.source)
-        group, window = self.fixed
-        if total_length > self.limit:
-            raise InputTooLongError(f"{total_length} tokens exceed the limit (L - W)·G + W = {self.limit} of the "
-                                    f"server's G={group}, W={window}")
-        return plan_with(self.train_length, total_length, group, window, "given when the server started")
+def request_planner(model: PreTrainedModel, **request) -> Planner:
+    """The server's planner: like `generate`'s (method and G/W planned against the measured profile), or settings
+    fixed at start; requests past fixed settings' limit are refused. `request` as `planning.planner` takes it."""
+    return planner(model, names=FLAGS, why="given when the server started", refuse_past_limit=True, **request)
 
 
 @dataclass
@@ -168,15 +125,10 @@ class _Halt(StoppingCriteria):
         return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
 
 
-def _settings_of(chosen: Plan) -> tuple:
-    """What the keys and values computed under `chosen` depend on: the method and its settings."""
-    return chosen.method, chosen.group_size, chosen.window_size, chosen.effective_length, chosen.local_window
-
-
 class Engine:
     """Owns the model and its worker thread; `submit` queues a job or raises QueueFullError."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer, planner: RequestPlanner, metrics: Metrics, *,
+    def __init__(self, model: PreTrainedModel, tokenizer, planner: Planner, metrics: Metrics, *,
                  chunk_size: int = 2048, max_queue: int = 16, prefix_cache_bytes: int = 2 << 30):
         if chunk_size < 1 or max_queue < 1:
             raise ValueError("chunk size and queue length must be positive")
@@ -254,17 +206,20 @@ class Engine:
 
     def _use(self, chosen: Plan) -> None:
         current = applied_settings(self.model)
-        now = None if current is None else (current.method, current.group_size, current.window_size,
-                                            current.effective_length, current.local_window)
-        if now != _settings_of(chosen):
+        if current is None or current.key() != chosen.settings.key():
             apply_plan(self.model, chosen)
 
     def _run(self, job: Job) -> Result:
-        p, metrics = job.params, self.metrics
         started = time.perf_counter()
+        cache, reused = self._prefill(job)
+        return self._generate(job, cache, reused, started, time.perf_counter())
+
+    def _prefill(self, job: Job) -> tuple[DynamicCache, int]:
+        """The prompt's KV cache, resumed from the longest kept prefix; kept in turn. Also how many tokens were reused."""
+        p, metrics = job.params, self.metrics
         self._use(p.plan)
         n = p.ids.shape[1]
-        key = _settings_of(p.plan)
+        key = p.plan.settings.key()
         prompt = p.ids[0, :max(n - 1, 0)]
         entry, reused = self.prefix.find(key, prompt) if self.prefix.capacity_bytes else (None, 0)
         (metrics.prefix_hits if reused else metrics.prefix_misses).inc()
@@ -283,11 +238,16 @@ class Engine:
                 raise Cancelled
 
         cache = prefill(self.model, p.ids, self.chunk_size, cache=cache, on_chunk=after_chunk)
-        prefilled = time.perf_counter()
         if self.prefix.capacity_bytes:
             self.prefix.add(recorder.finish(cache))
             metrics.prefix_bytes.set(self.prefix.nbytes)
             metrics.prefix_entries.set(len(self.prefix))
+        return cache, reused
+
+    def _generate(self, job: Job, cache: DynamicCache, reused: int, started: float, prefilled: float) -> Result:
+        """The answer from the prefilled cache, streamed to the job as text deltas; how the request went."""
+        p, metrics = job.params, self.metrics
+        n = p.ids.shape[1]
         text = Detokenizer(self.tokenizer, p.stop)
         first = [None]
 
@@ -318,7 +278,7 @@ class Engine:
         metrics.latency.observe(done - job.arrived)
         self._seconds = (self._seconds + [done - started])[-16:]
         result = Result(finish, n, count, reused, started - job.arrived, prefill_seconds, done - prefilled)
-        log.info("%s prompt=%d cached=%d G=%d W=%d queue=%.2fs prefill=%.2fs (%d tok) decode=%d tok in %.2fs "
-                 "finish=%s", job.id, n, reused, p.plan.group_size, p.plan.window_size, result.queue_seconds,
-                 prefill_seconds, n - 1 - reused, count, result.decode_seconds, finish)
+        log.info("%s prompt=%d cached=%d %s queue=%.2fs prefill=%.2fs (%d tok) decode=%d tok in %.2fs finish=%s",
+                 job.id, n, reused, p.plan.settings.describe(), result.queue_seconds, prefill_seconds, n - 1 - reused,
+                 count, result.decode_seconds, finish)
         return result

@@ -4,8 +4,8 @@ A cache is resumable at chunk boundaries only (multiples of the prefill chunk si
 runs exactly the forward passes a prefill from scratch would, so reuse never changes a single logit.
 Full-attention layers keep every token and are cut back to the boundary on reuse. Sliding-window
 layers (Gemma 3's local layers) keep only their last window, which cannot be cut back, so their
-state is copied at every boundary while the prompt is read. What SelfExtend computed depends on G
-and W, so an entry is found only by a request with the same settings. Memory is bounded: entries
+state is copied at every boundary while the prompt is read. What SelfExtend computed depends on its
+settings, so an entry is found only by a request with the same settings. Memory is bounded: entries
 are dropped least recently used first.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PretrainedConfig
 
-Settings = tuple  # what the cached keys and values were computed with (G, W, E)
+Settings = tuple  # what the cached keys and values were computed with: SelfExtendConfig.key()
 
 
 def _size(*tensors: torch.Tensor) -> int:
