@@ -58,6 +58,14 @@ def make_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model
 
 
+def make_profile(identity: str = "x", effective: int = 24, train: int = TRAIN_LENGTH, methods: dict | None = None):
+    """A measured profile of effective length `effective`, with an optional SelfExtend/STRING comparison."""
+    from selfextend.planning import Profile
+
+    return Profile(identity, "tiny", train, effective, 0.9, {effective: {"correct": 6, "total": 6, "passed": True}},
+                   {}, "2026-11-23", 1.0, methods=methods or {})
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A tiny Llama and a byte-level tokenizer trained here, saved as a model folder."""

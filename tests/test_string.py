@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import selfextend
-from conftest import TRAIN_LENGTH, make_model
+from conftest import TRAIN_LENGTH, make_model, make_profile
 from selfextend.attention import blockwise
 from selfextend.attention.reference import reference_attention
 from selfextend.positions import string_offset
@@ -175,51 +175,13 @@ def test_eval_method_and_command_line(capsys):
     assert "add --method string" in capsys.readouterr().err
 
 
-def _profile(identity="x", effective=24, train=TRAIN_LENGTH, methods=None):
-    from selfextend.planning import Profile
-
-    return Profile(identity, "tiny", train, effective, 0.9, {effective: {"correct": 6, "total": 6, "passed": True}},
-                   {}, "2026-11-23", 1.0, methods=methods or {})
-
-
-def test_planner_chooses_the_method_by_the_measured_comparison():
-    from selfextend.planning import choose
-
-    better = {"string": {48: {"correct": 5, "total": 6}}, "selfextend": {48: {"correct": 3, "total": 6}}}
-    chosen = choose(TRAIN_LENGTH, 40, _profile(methods=better), 24, "measured")
-    assert (chosen.method, chosen.group_size, chosen.window_size, chosen.local_window) == ("string", 1, 21, 10)
-    assert "STRING 5/6, SelfExtend 3/6" in chosen.reason and chosen.max_length == TRAIN_LENGTH
-    tie = {"string": {48: {"correct": 4, "total": 6}}, "selfextend": {48: {"correct": 4, "total": 6}}}
-    assert choose(TRAIN_LENGTH, 40, _profile(methods=tie), 24).method == "selfextend"
-    past = choose(TRAIN_LENGTH, 100, _profile(methods=better), 24)
-    assert past.method == "selfextend" and "STRING does not extend" in past.reason
-    assert choose(TRAIN_LENGTH, 20, _profile(methods=better), 24).group_size == 1  # within E: the model's own
-    unmeasured = choose(TRAIN_LENGTH, 40, _profile(), 24)
-    assert unmeasured.method == "selfextend" and "no STRING comparison" in unmeasured.reason
-
-
-def test_choose_for_reads_the_comparison_from_the_models_profile(tmp_path, monkeypatch):
-    from selfextend.planning import choose_for, load_profile, model_identity, plan_for, save_profile
-
-    monkeypatch.setenv("SELFEXTEND_HOME", str(tmp_path))
-    model = make_model("llama")
-    better = {"string": {48: {"correct": 6, "total": 6}}, "selfextend": {48: {"correct": 2, "total": 6}}}
-    path = save_profile(_profile(model_identity(model), methods=better))
-    assert load_profile(path).methods == better  # kept through JSON
-    chosen = choose_for(model, 40)
-    assert chosen.method == "string" and chosen.effective_length == 24
-    assert plan_for(model, 40).method == "selfextend"  # G and W for SelfExtend are still planned as before
-    selfextend.apply(model, method="string", shifted_offset=chosen.window_size, local_window=chosen.local_window)
-    assert selfextend.settings(model).offset == 10 - 21
-
-
 def test_compare_runs_both_methods_on_the_same_probes():
     from selfextend import models
     from selfextend.evaluation.calibration import CalibrationError, Probes, compare, compare_lengths
 
     source = models.resolve("testbed")
     tokenizer, model = models.load_tokenizer(source), models.load_model(source)
-    profile = _profile(effective=64, train=128)
+    profile = make_profile(effective=64, train=128)
     assert compare_lengths(profile) == [96, 126]
     probes = Probes(tasks=("passkey",), depths=(0.5,))
     compared = compare(model, tokenizer, profile, probes, lengths=[100], progress=False)
@@ -229,7 +191,7 @@ def test_compare_runs_both_methods_on_the_same_probes():
     with pytest.raises(CalibrationError, match="between E = 64 and L = 128"):
         compare(model, tokenizer, profile, probes, lengths=[200], progress=False)
     with pytest.raises(CalibrationError, match="nothing to compare"):
-        compare(model, tokenizer, _profile(effective=128, train=128), probes, progress=False)
+        compare(model, tokenizer, make_profile(effective=128, train=128), probes, progress=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -1,4 +1,4 @@
-"""OpenAI's request and response shapes for chat and text completions, as pydantic models.
+"""OpenAI's request and response shapes for chat and text completions, models, health and errors, as pydantic models.
 
 Requests are validated strictly (a string is not a number, "yes" is not a boolean). Fields OpenAI
 defines that this server cannot honour are refused with a clear error rather than ignored; fields it
@@ -115,6 +115,109 @@ class PlanInfo(BaseModel):
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A whole answer: `object` is "chat.completion" or "text_completion"."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatChoice] | list[TextChoice]
+    usage: Usage
+    selfextend: PlanInfo
+
+
+class ChatDelta(BaseModel):
+    """What a streamed chat chunk adds; only the fields set are sent (the last chunk's delta is {})."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class TextChunkChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed answer; the last carries `selfextend`, a usage chunk `usage`."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice] | list[TextChunkChoice]
+    selfextend: PlanInfo | None = None
+    usage: Usage | None = None
+
+    def event(self) -> str:
+        return f"data: {self.model_dump_json(exclude_unset=True)}\n\n"
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "selfextend"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    waiting: int
+    model: str
 
 
 def now() -> int:
