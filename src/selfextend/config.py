@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import UnsupportedModelError
-from .positions import POSITION_MAPS, FarPass
+from .positions import POSITION_MAPS, FarPass, PositionMap
 
 METHODS = tuple(POSITION_MAPS)  # the position maps a settings object can hold
+DEFAULT_METHOD = "selfextend"  # named implicitly in one-line descriptions and older saved settings
 CHOICES = ("auto", *METHODS)  # what a caller may ask for: auto lets the planner pick the map
 CONFIG_KEY = "selfextend"  # where a model's config (and so config.json) keeps the settings
 DEFAULT_LOCAL_WINDOW = 128  # STRING's local value w
@@ -124,8 +125,8 @@ class SelfExtendConfig:
             if name not in own:  # another map's G and W follow from its own settings
                 given = getattr(self, name)
                 if given is not None and given != getattr(far, name):
-                    raise ValueError(f"{POSITION_MAPS[self.method].title} takes "
-                                     f"{' and '.join(POSITION_MAPS[self.method].settings)}, not group_size and "
+                    raise ValueError(f"{self.position_map.title} takes "
+                                     f"{' and '.join(self.position_map.settings)}, not group_size and "
                                      "window_size")
                 object.__setattr__(self, name, getattr(far, name))
         if self.effective_length is not None:
@@ -145,11 +146,11 @@ class SelfExtendConfig:
     @property
     def own_settings(self) -> dict[str, int]:
         """The map's own settings by name, in its order (SelfExtend: group_size, window_size)."""
-        return {name: getattr(self, name) for name in POSITION_MAPS[self.method].settings}
+        return {name: getattr(self, name) for name in self.position_map.settings}
 
     @property
     def far_pass(self) -> FarPass:
-        return POSITION_MAPS[self.method].far_pass(*self.own_settings.values())
+        return self.position_map.far_pass(*self.own_settings.values())
 
     @property
     def offset(self) -> int:
@@ -159,21 +160,25 @@ class SelfExtendConfig:
     @property
     def max_length(self) -> int:
         """Longest input it is meant for: (L - W)·G + W for SelfExtend; L for STRING, which does not extend."""
-        return POSITION_MAPS[self.method].limit(self.train_length, *self.own_settings.values())
+        return self.position_map.limit(self.train_length, *self.own_settings.values())
 
     def largest_position(self, length: int) -> int:
         """The largest RoPE position an input of `length` tokens uses."""
-        return POSITION_MAPS[self.method].largest_position(length, *self.own_settings.values())
+        return self.position_map.largest_position(length, *self.own_settings.values())
 
     def key(self) -> tuple:
         """What makes two settings attend alike (method, G, W, E, w): the prefix cache's and the server's key."""
         return self.method, self.group_size, self.window_size, self.effective_length, self.local_window
 
+    @property
+    def position_map(self) -> PositionMap:
+        return POSITION_MAPS[self.method]
+
     def describe(self) -> str:
         """One line for people: `G=8, W=1024` or `STRING S=10922, w=128`."""
-        if self.method == "string":
-            return f"STRING S={self.shifted_offset}, w={self.local_window}"
-        return f"G={self.group_size}, W={self.window_size}"
+        values = ", ".join(f"{symbol}={value}" for symbol, value in zip(self.position_map.symbols,
+                                                                         self.own_settings.values()))
+        return values if self.method == DEFAULT_METHOD else f"{self.position_map.title} {values}"
 
     def to_json(self) -> dict:
         """The settings for JSON: method, the far pass's G and W, STRING's w, and E."""
@@ -190,7 +195,7 @@ class SelfExtendConfig:
     @classmethod
     def from_saved(cls, saved: dict, train_length: int, backend: str = "auto") -> "SelfExtendConfig":
         """The settings `to_saved` wrote (an older file without "method" is SelfExtend's), checked again."""
-        method = check_method(saved.get("method", "selfextend"), METHODS)
+        method = check_method(saved.get("method", DEFAULT_METHOD), METHODS)
         known = {"method", "effective_length", *POSITION_MAPS[method].settings}
         unknown = sorted(set(saved) - known)
         if unknown:

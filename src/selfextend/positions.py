@@ -75,24 +75,29 @@ class FarPass:
 @dataclass(frozen=True)
 class PositionMap:
     """A preset: the names of its own settings and, from their values (in that order), its far pass, the
-    longest input it reads for training length L, and the largest position an N-token input uses."""
+    longest input it reads for training length L, and the largest position an N-token input uses; with the
+    words people read for each."""
 
     title: str
     settings: tuple[str, ...]
+    symbols: tuple[str, ...]  # the settings' short names: G, W / S, w
+    labels: tuple[str, ...]  # and their long ones
     far_pass: Callable[..., FarPass]
     limit: Callable[..., int]  # (L, *settings)
     largest_position: Callable[..., int]  # (N, *settings)
-    extends: bool  # reads past the training length
+    limit_label: str
+    largest_label: str
 
 
 POSITION_MAPS: dict[str, PositionMap] = {
     "selfextend": PositionMap(
-        "SelfExtend", ("group_size", "window_size"),
+        "SelfExtend", ("group_size", "window_size"), ("G", "W"), ("group size G", "window W"),
         far_pass=lambda group, window: FarPass(group, window, selfextend_offset(group, window)),
-        limit=extended_limit, largest_position=largest_position_used, extends=True),
+        limit=extended_limit, largest_position=largest_position_used,
+        limit_label="extended limit (L-W)·G+W", largest_label="largest position W+(N-W)/G"),
     "string": PositionMap(
-        "STRING", ("shifted_offset", "local_window"),
+        "STRING", ("shifted_offset", "local_window"), ("S", "w"), ("shifted offset S", "local window w"),
         far_pass=lambda shifted, local: FarPass(1, shifted, string_offset(shifted, local)),
         limit=lambda train_length, shifted, local: train_length, largest_position=string_largest_position,
-        extends=False),
+        limit_label="limit (STRING: L)", largest_label="largest position N-S+w"),
 }

@@ -26,9 +26,10 @@ from ..rotary import find_rope, rope_parameters_of
 
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
 EVAL_METHODS = ("vanilla", *POSITION_MAPS, *ROPE_SCALINGS)
-_PARAMETERS = {"vanilla": (), "selfextend": ("G", "W"), "string": ("S", "w"), "linear": ("factor",),
-               "dynamic": ("factor",), "yarn": ("factor",)}
-_SETTINGS = {"G": "group_size", "W": "window_size", "S": "shifted_offset", "w": "local_window"}  # spec -> setting
+_PARAMETERS = {"vanilla": (), **{name: preset.symbols for name, preset in POSITION_MAPS.items()},
+               **{name: ("factor",) for name in ROPE_SCALINGS}}
+_SETTINGS = {symbol: setting for preset in POSITION_MAPS.values()  # a spec's G=.. -> group_size
+             for symbol, setting in zip(preset.symbols, preset.settings)}
 
 
 @dataclass(frozen=True)

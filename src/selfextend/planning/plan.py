@@ -67,16 +67,11 @@ class Plan:
 
     def describe(self) -> list[tuple[str, object]]:
         """The plan as labelled rows for people (`selfextend plan`); the reason goes beside them."""
-        if self.method == "string":
-            rows = [("method", "STRING"), ("shifted offset S", self.settings.shifted_offset),
-                    ("local window w", self.local_window), ("limit (STRING: L)", self.max_length),
-                    ("largest position N-S+w", self.largest_position)]
-        else:
-            rows = [("group size G", self.group_size), ("window W", self.window_size),
-                    ("extended limit (L-W)·G+W", self.max_length),
-                    ("largest position W+(N-W)/G", self.largest_position)]
+        preset = self.settings.position_map
         return [("training length L", self.train_length), ("effective length E", self.effective_length or "not known"),
-                ("target length N", self.target_length), *rows]
+                ("target length N", self.target_length), ("method", preset.title),
+                *zip(preset.labels, self.settings.own_settings.values()), (preset.limit_label, self.max_length),
+                (preset.largest_label, self.largest_position)]
 
 
 def longest_input(train_length: int, effective_length: int | None = None) -> int:
