@@ -22,7 +22,7 @@ pytest.importorskip("uvicorn")
 from selfextend import apply, models  # noqa: E402
 from selfextend.inference import answer, pad_id, prefill  # noqa: E402
 from selfextend.planning import plan_for  # noqa: E402
-from selfextend.samples import passkey_sample  # noqa: E402
+from selfextend.samples import passkey_sample, token_counter  # noqa: E402
 
 KEY, NAME, CHUNK, CAP, QUEUE = "sk-test-key", "testbed", 32, 64, 4
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -86,7 +86,7 @@ def _client(url: str, **kwargs) -> "openai.OpenAI":
 
 
 def _passkey(tokenizer, tokens: int, seed: int = 0):
-    return passkey_sample(lambda text: len(tokenizer(text, add_special_tokens=False).input_ids), tokens, seed=seed)
+    return passkey_sample(token_counter(tokenizer), tokens, seed=seed)
 
 
 def _metric(url: str, name: str) -> float:
