@@ -17,6 +17,8 @@ def attend(
     since the fused kernel's lse carries no gradient and merging partials needs it.
     """
     if query.device.type == "cpu" and not needs_grad(query, key, value):
+        # the CPU flash kernel reads the head dimension as unit-stride: other strides give wrong sums (torch 2.13)
+        query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
         float_mask = None
         if mask is not None:
             float_mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
