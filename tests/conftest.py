@@ -66,16 +66,22 @@ def make_profile(identity: str = "x", effective: int = 24, train: int = TRAIN_LE
                    {}, "2026-11-23", 1.0, methods=methods or {})
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    """A tiny Llama and a byte-level tokenizer trained here, saved as a model folder."""
-    folder = tmp_path_factory.mktemp("tiny")
+def save_tokenizer(folder) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level tokenizer trained here (under 300 tokens), saved into `folder`."""
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(["The grass is green. The sky is blue. pass key 12345"], vocab_size=300,
                             special_tokens=["<pad>", "<s>", "</s>"])
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
                                                      pad_token="<pad>")
     tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny Llama and a byte-level tokenizer trained here, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = save_tokenizer(folder)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
                                       pad_token_id=0)

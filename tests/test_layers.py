@@ -9,7 +9,7 @@ import selfextend
 PACKAGE = Path(selfextend.__file__).parent
 LAYERS = [  # top to bottom, as the README lists them
     ["cli", "__main__"],
-    ["serving"],
+    ["serving", "vllm"],
     ["evaluation"],
     ["inference"],
     ["integration", "grouped_keys"],

@@ -7,6 +7,7 @@ All models handled use the "rotate half" layout of Hugging Face (pairs (x[k], x[
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 
@@ -113,6 +114,39 @@ def rope_parameters_of(text_config, layer_type: str = "full_attention") -> dict:
     """The RoPE parameters of `layer_type` layers (configs like Gemma 3 keep one dict per layer type)."""
     parameters = getattr(text_config, "rope_parameters", None) or {}
     return parameters[layer_type] if isinstance(parameters.get(layer_type), dict) else parameters
+
+
+CONFIG_ROPE_TYPES = ("default", "linear", "llama3")  # inverse frequencies that depend on the config alone
+
+
+def rope_from_config(text_config, layer_type: str = "full_attention") -> RopeSource:
+    """The inverse frequencies of `layer_type` layers computed from the config alone, as transformers computes
+    them: for engines that run their own RoPE (vLLM). RoPE types whose frequencies follow the input length or
+    `max_position_embeddings` (dynamic, yarn, longrope), partial rotary and M-RoPE are refused."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    parameters = rope_parameters_of(text_config, layer_type)
+    rope_type = parameters.get("rope_type", "default")
+    if "mrope_section" in parameters or rope_type == "mrope":
+        raise UnsupportedModelError("multimodal RoPE (M-RoPE) is not supported by SelfExtend here")
+    if rope_type not in CONFIG_ROPE_TYPES:
+        raise UnsupportedModelError(f"RoPE type {rope_type!r} is not supported here: its frequencies depend on the "
+                                    f"input or context length (supported: {', '.join(CONFIG_ROPE_TYPES)})")
+    if parameters.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError("partial rotary embedding is not supported")
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    if rope_type == "default":
+        base = parameters["rope_theta"]
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
+    else:
+        config = text_config
+        if layer_type in (getattr(text_config, "rope_parameters", None) or {}):  # per layer type: that one's
+            config = copy.copy(text_config)
+            config.rope_parameters = parameters
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    holder = nn.Module()
+    holder.register_buffer("inv_freq", inv_freq, persistent=False)
+    return RopeSource(holder, "inv_freq")
 
 
 def find_rope(model: nn.Module, text_config, layer_type: str = "full_attention") -> RopeSource:

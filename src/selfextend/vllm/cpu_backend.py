@@ -1,0 +1,112 @@
+"""SelfExtend's attention backend for vLLM on CPU: vLLM's CPU_ATTN, plus the project's position maps.
+
+The one module that depends on vLLM's internals (tested on vLLM 0.32.0: `TESTED_VLLM`). A layer gets
+SelfExtend when the engine's settings ask for it and the layer is a full-attention decoder layer; a
+request goes to the project's blockwise kernel when its keys reach past the neighbor window W, otherwise
+to vLLM's own kernel, unchanged. vLLM hands `forward` the queries already rotated at their positions,
+after writing this step's keys and values into the paged cache, so each request's keys are gathered from
+its blocks (the cache holds them rotated at their own positions; the grouped ones are rotated from
+there, as in transformers).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
+                                                 CPUAttentionMetadataBuilder)
+
+from ..attention import KVLayout, resolve_backend, resolve_geometry
+from ..rotary import GroupedRotation
+from .settings import SelfExtendVLLMError, engine_settings, rope
+
+READABLE_LAYOUTS = ("vec", "vec16")  # KV-cache layouts whose keys this module reads (K transposed per block)
+
+
+def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [1, kv_heads, length, head_dim] of one request, from its cache blocks (in order).
+
+    The cache is [blocks, kv_heads, block_size, 2·head_dim]: per block and head, K stored transposed
+    ([head_dim, block_size]), then V ([block_size, head_dim]).
+    """
+    n_blocks, heads, block_size, twice = kv_cache.shape
+    dim = twice // 2
+    used = blocks[:(length + block_size - 1) // block_size].long()
+    kv = kv_cache.view(n_blocks, heads, 2 * block_size, dim)[used]  # [n, heads, 2·block, d]
+    key = kv[:, :, :block_size].reshape(len(used), heads, dim, block_size).permute(1, 0, 3, 2)
+    value = kv[:, :, block_size:].permute(1, 0, 2, 3)
+    # contiguous: the CPU flash kernel reads the head dimension as unit-stride
+    return (key.reshape(heads, -1, dim)[None, :, :length].contiguous(),
+            value.reshape(heads, -1, dim)[None, :, :length].contiguous())
+
+
+class SelfExtendCPUImpl(CPUAttentionBackendImpl):
+    """CPU_ATTN's implementation, with SelfExtend (or STRING) for the requests and layers it applies to."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+        vllm_config = get_current_vllm_config()  # only inside vLLM's config context: read it here, not in forward
+        settings = engine_settings(vllm_config)
+        self.settings, self.rotation = settings, None
+        if settings is None or sliding_window is not None or attn_type != AttentionType.DECODER:
+            return  # plain vLLM: no SelfExtend asked for, or a sliding-window / non-decoder layer
+        refused = {"attention sinks": sinks is not None, "ALiBi": alibi_slopes is not None,
+                   "logit soft-capping": logits_soft_cap not in (None, 0), "an fp8 KV cache": self.is_fp8_kv_cache}
+        for what, present in refused.items():
+            if present:
+                raise SelfExtendVLLMError(f"SelfExtend does not run with {what} in vLLM")
+        far = settings.far_pass
+        self.rotation = GroupedRotation(far.group_size, far.window_size, rope(vllm_config), far.offset)
+        self.kernel = resolve_backend(settings.backend, torch.device("cpu"))
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata, output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if self.rotation is None or attn_metadata is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if layer.isa not in READABLE_LAYOUTS:
+            raise SelfExtendVLLMError(f"SelfExtend reads the {'/'.join(READABLE_LAYOUTS)} KV-cache layouts of vLLM's "
+                                      f"CPU backend; this machine's is {layer.isa!r}")
+        starts = attn_metadata.query_start_loc.tolist()
+        lengths = attn_metadata.seq_lens.tolist()
+        window = self.rotation.window_size
+        extended = [r for r, length in enumerate(lengths) if length > window]  # some pair at distance >= W
+        if len(extended) < len(lengths):  # the others: vLLM's own kernel (n <= W is plain attention)
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                            output_block_scale)
+        for r in extended:
+            a, b, length = starts[r], starts[r + 1], lengths[r]
+            keys, values = gather_kv(kv_cache, attn_metadata.block_table[r], length)
+            geometry = resolve_geometry(KVLayout(q_offset=length - (b - a), kv_offset=0), None, 1, b - a, length,
+                                        query.device)
+            out = self.kernel.selfextend(query[a:b].transpose(0, 1)[None], keys, values, geometry, self.rotation,
+                                         self.scale)
+            output[a:b] = out[0]
+        return output
+
+
+class SelfExtendMetadataBuilder(CPUAttentionMetadataBuilder):
+    """CPU_ATTN's metadata builder; refuses at start-up a KV-cache layout SelfExtend cannot read."""
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if engine_settings(vllm_config) is not None and self.isa not in READABLE_LAYOUTS:
+            raise SelfExtendVLLMError(f"SelfExtend reads the {'/'.join(READABLE_LAYOUTS)} KV-cache layouts of vLLM's "
+                                      f"CPU backend; this machine's is {self.isa!r} (bfloat16 on AMX: use float32)")
+
+
+class SelfExtendCPUBackend(CPUAttentionBackend):
+    """vLLM's CPU_ATTN (same name, same cache layout and metadata) with SelfExtend's implementation."""
+
+    @staticmethod
+    def get_impl_cls() -> type[SelfExtendCPUImpl]:
+        return SelfExtendCPUImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[SelfExtendMetadataBuilder]:
+        return SelfExtendMetadataBuilder

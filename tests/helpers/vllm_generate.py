@@ -1,0 +1,36 @@
+"""Run in vLLM's own virtual environment: one offline vLLM engine (the selfextend plugin loaded through its
+entry point) over a saved model, greedy tokens and their log-probabilities for a batch of prompts.
+
+    python vllm_generate.py REQUEST.json OUT.json
+
+REQUEST: {"engine": {LLM keyword arguments}, "rounds": [[prompt token ids, ...], ...], "max_tokens": N}.
+Each round is one `generate` call (its prompts run concurrently, continuously batched); rounds run one after
+another on the same engine, so a later round can hit the prefix cache of an earlier one.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine and worker in this process: 5 s to start
+
+
+def main(request_path: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    request = json.load(open(request_path))
+    llm = LLM(**{"dtype": "float32", "enforce_eager": True, **request["engine"]})
+    sampling = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True, logprobs=1)
+    rounds = []
+    for prompts in request["rounds"]:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
+        rounds.append([{"tokens": list(o.outputs[0].token_ids),
+                        "logprobs": [step[token].logprob for step, token in zip(o.outputs[0].logprobs,
+                                                                                o.outputs[0].token_ids)],
+                        "cached": o.num_cached_tokens or 0} for o in outputs])
+    json.dump(rounds, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

