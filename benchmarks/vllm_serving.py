@@ -1,0 +1,135 @@
+"""vLLM + the selfextend plugin against our own `selfextend serve`, and against plain vLLM inside L.
+
+N clients at once, each asking for a completion of its own long document (past the training length L), over
+HTTP to a server in a child process on 127.0.0.1; requests/s, mean time to first token (streamed) and decode
+tokens/s per request. Each server runs alone, one after another, in this run; ratios are printed against the
+first row of each comparison.
+
+    python benchmarks/vllm_serving.py --vllm-python .venv-vllm/bin/python [--clients 8] [--tokens 500]
+
+The model is the project's testbed (L = 128; float32), with G and W fixed alike in both servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from selfextend.testbed import WEIGHTS
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start(command: list[str], log: Path, seconds: float = 600) -> tuple[subprocess.Popen, str, int]:
+    port = _port()
+    process = subprocess.Popen([*command, "--port", str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                               env={"VLLM_CPU_KVCACHE_SPACE": "1", **__import__("os").environ})
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url, port
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the server did not start; see {log}")
+        time.sleep(0.5)
+
+
+def _one(url: str, model: str, prompt: list[int], max_tokens: int, out: list) -> None:
+    started, first, count = time.perf_counter(), None, 0
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=3600) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                count = chunk["usage"]["completion_tokens"]
+            if first is None and any(c.get("text") for c in chunk.get("choices", [])):
+                first = time.perf_counter()
+    ended = time.perf_counter()
+    out.append({"ttft": (first or ended) - started, "decode": max(count - 1, 0) / max(ended - (first or ended), 1e-9),
+                "seconds": ended - started})
+
+
+def load(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    """All prompts at once, one client thread each; requests/s over the whole, mean TTFT and decode tok/s."""
+    results: list = []
+    threads = [threading.Thread(target=_one, args=(url, model, p, max_tokens, results)) for p in prompts]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return {"requests_per_s": len(prompts) / wall, "wall_s": wall,
+            "ttft_s": sum(r["ttft"] for r in results) / len(results),
+            "decode_tok_s": sum(r["decode"] for r in results) / len(results)}
+
+
+def run(name: str, command: list[str], model: str, prompts, max_tokens: int, logs: Path) -> dict:
+    process, url, _ = _start(command, logs / f"{name}.log")
+    try:
+        load(url, model, prompts[:1], 2)  # warm-up
+        return {"server": name, **load(url, model, prompts, max_tokens)}
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vllm-python", required=True, help="python of the virtual environment holding vllm-cpu")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=500, help="document length, past L = 128")
+    parser.add_argument("--inside", type=int, default=120, help="document length inside L, for the plugin's cost")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=6)
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    logs = Path("runs/vllm_serving")
+    logs.mkdir(parents=True, exist_ok=True)
+    vocab = 56  # the testbed's
+    generator = torch.Generator().manual_seed(0)
+    long = [torch.randint(4, vocab, (args.tokens,), generator=generator).tolist() for _ in range(args.clients)]
+    short = [torch.randint(4, vocab, (args.inside,), generator=generator).tolist() for _ in range(args.clients)]
+    G, W, n = args.group_size, args.window, args.tokens + args.max_tokens
+    vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(WEIGHTS), "--dtype",
+            "float32", "--enforce-eager", "--host", "127.0.0.1", "--served-model-name", "testbed"]
+    extend = ["--hf-overrides", json.dumps({"max_position_embeddings": n}), "--max-model-len", str(n),
+              "--additional-config", json.dumps({"selfextend": {"group_size": G, "window_size": W}})]
+    ours = [sys.executable, "-m", "selfextend", "serve", "--model", "testbed", "--host", "127.0.0.1",
+            "--group-size", str(G), "--window", str(W), "--log-level", "warning"]
+    rows = [run("selfextend serve", ours, "testbed", long, args.max_tokens, logs),
+            run("vLLM + plugin", vllm + extend, "testbed", long, args.max_tokens, logs),
+            run("plain vLLM, inside L", vllm + ["--max-model-len", "128"], "testbed", short, args.max_tokens, logs),
+            run("vLLM + plugin, inside L", vllm + extend, "testbed", short, args.max_tokens, logs)]
+    print(f"{'server':<26} {'req/s':>7} {'× first':>8} {'TTFT s':>8} {'× first':>8} {'decode tok/s':>13}")
+    for group in (rows[:2], rows[2:]):
+        base = group[0]
+        for row in group:
+            print(f"{row['server']:<26} {row['requests_per_s']:>7.2f} {row['requests_per_s'] / base['requests_per_s']:>8.2f} "
+                  f"{row['ttft_s']:>8.2f} {row['ttft_s'] / base['ttft_s']:>8.2f} {row['decode_tok_s']:>13.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
