@@ -68,6 +68,8 @@ def test_generate_sample_document(model_dir, capsys):
     (["plan", "--model", "no-such/model-anywhere", "--length", "100"], "unknown model"),
     (["plan", "--model", "/no/such/model.gguf", "--length", "100"], "no such GGUF file"),
     (["plan"], "--length N or --input"),
+    (["generate", "--input", "{doc}", "--method", "string", "--effective-length", "50", "--model",
+      "/no/such/model.gguf"], "STRING does not use it"),  # flags are checked before any model is looked for
 ])
 def test_clear_errors(model_dir, tmp_path, capsys, argv, message):
     (tmp_path / "empty.txt").write_text("  \n")

@@ -69,6 +69,14 @@ def _request(args) -> dict:
             "local_window": args.local_window, "effective_length": args.effective_length}
 
 
+def _check_flags(args) -> None:
+    """Refuse settings that cannot go together before any model is loaded."""
+    try:
+        check_request(**_request(args), names=FLAGS)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+
+
 def _settings(args, model_or_config, length: int) -> Plan:
     """The plan for `length` tokens from the flags (given settings, or the planner's), errors as the user's."""
     try:
@@ -84,6 +92,7 @@ def cmd_generate(args) -> None:
 
     if args.input is None and args.sample_tokens is None:
         raise CommandError("give --input FILE (or - for stdin), or --sample-tokens N for a generated passkey document")
+    _check_flags(args)
     source = _source(args)
     tokenizer = models.load_tokenizer(source)
     text, question, key = _document(args, tokenizer)
@@ -123,10 +132,7 @@ def cmd_plan(args) -> None:
             raise CommandError("give --length N or --input FILE")
         tokenizer = models.load_tokenizer(source)
         args.length = len(tokenizer(_read_input(args.input)).input_ids)
-    try:  # a flag error needs no weights; the model's weights identify its measured profile
-        check_request(**_request(args), names=FLAGS)
-    except ValueError as error:
-        raise CommandError(str(error)) from error
+    _check_flags(args)  # before loading: the model's weights are needed only to identify its measured profile
     model = models.load_model(source) if uses_profile(**_request(args)) else models.load_config(source)
     chosen = _settings(args, model, args.length)
     if args.json:
@@ -284,6 +290,7 @@ def cmd_serve(args) -> None:
             raise CommandError(f"{flag} must be positive, got {value}")
     if args.prefix_cache_mb < 0:
         raise CommandError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
+    _check_flags(args)
     template = None
     if args.chat_template is not None:
         path = Path(args.chat_template)
