@@ -19,7 +19,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from ..attention import KVLayout, resolve_backend, resolve_geometry
 from ..rotary import GroupedRotation
-from .settings import SelfExtendVLLMError, engine_settings, rope
+from .settings import SelfExtendVLLMError, engine_settings
 
 READABLE_LAYOUTS = ("vec", "vec16")  # KV-cache layouts whose keys this module reads (K transposed per block)
 
@@ -51,18 +51,18 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         vllm_config = get_current_vllm_config()  # only inside vLLM's config context: read it here, not in forward
-        settings = engine_settings(vllm_config)
-        self.settings, self.rotation = settings, None
-        if settings is None or sliding_window is not None or attn_type != AttentionType.DECODER:
+        engine = engine_settings(vllm_config)  # read once per layer at start-up, never in forward
+        self.rotation = None
+        if engine is None or sliding_window is not None or attn_type != AttentionType.DECODER:
             return  # plain vLLM: no SelfExtend asked for, or a sliding-window / non-decoder layer
         refused = {"attention sinks": sinks is not None, "ALiBi": alibi_slopes is not None,
                    "logit soft-capping": logits_soft_cap not in (None, 0), "an fp8 KV cache": self.is_fp8_kv_cache}
         for what, present in refused.items():
             if present:
                 raise SelfExtendVLLMError(f"SelfExtend does not run with {what} in vLLM")
-        far = settings.far_pass
-        self.rotation = GroupedRotation(far.group_size, far.window_size, rope(vllm_config), far.offset)
-        self.kernel = resolve_backend(settings.backend, torch.device("cpu"))
+        far = engine.settings.far_pass
+        self.rotation = GroupedRotation(far.group_size, far.window_size, engine.rope, far.offset)
+        self.kernel = resolve_backend(engine.settings.backend, torch.device("cpu"))
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata, output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:

@@ -9,6 +9,8 @@ same map. Anything that cannot run exactly is refused here, with what to do inst
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import transformers
 
 from ..config import CONFIG_KEY, SelfExtendConfig, training_length
@@ -33,8 +35,16 @@ def requested(vllm_config) -> tuple[str, dict] | None:
     return ("config.json", dict(saved)) if isinstance(saved, dict) else None
 
 
-def engine_settings(vllm_config) -> SelfExtendConfig | None:
-    """The settings of this engine, or None when SelfExtend was not asked for (plain vLLM)."""
+@dataclass(frozen=True)
+class EngineSettings:
+    """What every SelfExtend layer of the engine runs with: the settings and the model's own RoPE frequencies."""
+
+    settings: SelfExtendConfig
+    rope: RopeSource
+
+
+def engine_settings(vllm_config) -> EngineSettings | None:
+    """This engine's settings, checked, or None when SelfExtend was not asked for (plain vLLM)."""
     asked = requested(vllm_config)
     if asked is None:
         return None
@@ -49,7 +59,8 @@ def engine_settings(vllm_config) -> SelfExtendConfig | None:
         if getattr(parallel, name, 1) > 1:
             raise SelfExtendVLLMError(f"SelfExtend does not run with {name} > 1: each rank would see part of "
                                       "the keys")
-    train = training_length(original_config(vllm_config))  # before --hf-overrides raised max_position_embeddings
+    original = original_config(vllm_config)  # before --hf-overrides raised max_position_embeddings
+    train = training_length(original)
     max_len = model_config.max_model_len
     try:
         if where == "config.json":
@@ -60,7 +71,7 @@ def engine_settings(vllm_config) -> SelfExtendConfig | None:
                 raise ValueError(f"unknown selfextend settings {', '.join(unknown)}: give {', '.join(REQUEST_KEYS)}")
             request.setdefault("method", "selfextend")
             settings = resolve(train, max_len, **request).settings
-        rope(vllm_config)
+        frequencies = rope_from_config(original.get_text_config())
     except (ValueError, TypeError, UnsupportedModelError) as error:
         raise SelfExtendVLLMError(f"SelfExtend ({where}): {error}") from error
     if max_len > settings.max_length:
@@ -72,7 +83,7 @@ def engine_settings(vllm_config) -> SelfExtendConfig | None:
         raise SelfExtendVLLMError(f"max_model_len {max_len} is past the model's RoPE table ({table} positions): "
                                   f"add --hf-overrides '{{\"max_position_embeddings\": {max_len}}}' (it sizes the "
                                   "table; the frequencies stay the model's)")
-    return settings
+    return EngineSettings(settings, frequencies)
 
 
 def original_config(vllm_config) -> transformers.PretrainedConfig:
@@ -80,7 +91,3 @@ def original_config(vllm_config) -> transformers.PretrainedConfig:
     model_config = vllm_config.model_config
     return transformers.AutoConfig.from_pretrained(model_config.model, trust_remote_code=model_config.trust_remote_code)
 
-
-def rope(vllm_config) -> RopeSource:
-    """The full-attention layers' inverse frequencies, from the model's own config."""
-    return rope_from_config(original_config(vllm_config).get_text_config())
