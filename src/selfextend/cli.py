@@ -312,7 +312,8 @@ def cmd_serve(args) -> None:
     serve(engine, options, args.host, args.port, args.log_level)
 
 
-MODEL_HELP = f"model folder, .gguf file, cached hub id or 'testbed' (default: embedded {models.DEFAULT_MODEL})"
+MODEL_HELP = (f"model folder, .gguf file, cached hub id, {models.SMOLLM2!r} or 'testbed' "
+              f"(default: embedded {models.DEFAULT_MODEL})")
 
 
 def _add_model(parser: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:

