@@ -91,3 +91,42 @@ def test_selfextend_applied_and_removed():
     assert params == {"G": 4, "W": 16}
     assert not torch.allclose(extended, before, atol=1e-3)
     assert torch.equal(model(ids).logits, before)
+
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_truncated_scores_each_token_from_a_fresh_window(family):
+    """Each token's NLL equals a fresh forward over its window: the last C - s .. C - 1 tokens before it."""
+    from selfextend.evaluation.perplexity import token_nll, truncated_nll
+
+    model = make_model(family)
+    n, context, stride = 3 * TRAIN_LENGTH + 5, TRAIN_LENGTH, TRAIN_LENGTH // 4
+    ids = torch.randint(0, 97, (1, n))
+    got = truncated_nll(model, ids, context, stride, chunk_size=24)
+    assert got.shape == (n - 1,)
+    torch.testing.assert_close(got[:context - 1], token_nll(model, ids[:, :context], chunk_size=24))
+    with torch.no_grad():
+        for target in range(context, n):
+            window_end = min(n, context + -(-(target + 1 - context) // stride) * stride)
+            start = window_end - context
+            assert context - stride <= target - start <= context - 1
+            logits = model(ids[:, start:target]).logits[0, -1]
+            want = torch.nn.functional.cross_entropy(logits[None], ids[0, target:target + 1])
+            torch.testing.assert_close(got[target - 1], want, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(got, token_nll(model, ids))  # vanilla reads further back
+
+
+def test_truncated_parameters_and_refusals():
+    from selfextend.evaluation import Evaluation
+    from selfextend.evaluation.perplexity import token_nll, truncated_nll
+
+    model = make_model("llama")
+    ids = torch.randint(0, 97, (1, TRAIN_LENGTH))
+    torch.testing.assert_close(truncated_nll(model, ids, TRAIN_LENGTH, 8), token_nll(model, ids))
+    assert Method.parse("truncated").parameters(model, 500) == {"C": TRAIN_LENGTH, "s": TRAIN_LENGTH // 4}
+    assert Method.parse("truncated:C=40,s=5").parameters(model, 500) == {"C": 40, "s": 5}
+    for bad in ["truncated:C=0", "truncated:C=8,s=8", "truncated:s=0"]:
+        with pytest.raises(ValueError):
+            Method.parse(bad)
+    with pytest.raises(ValueError, match="perplexity only"):
+        Evaluation("passkey", [100], [Method.parse("truncated")], "m")

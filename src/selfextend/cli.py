@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lengths", required=True, help="input lengths in tokens, e.g. 16k,32k,48k (k = 1024)")
     ev.add_argument("--methods", default="vanilla,selfextend",
                     help="comma list of vanilla, selfextend[:G=..,W=..], string[:S=..,w=..], "
-                         "linear|dynamic|yarn[:factor=..]")
+                         "linear|dynamic|yarn[:factor=..], truncated[:C=..] (each token reads only its last C "
+                         "tokens, default L: the floor without any extension)")
     ev.add_argument("--depths", default="0.5", help="needle depths, 0..1, e.g. 0,0.25,0.5,0.75,1")
     ev.add_argument("--samples", type=int, default=1, help="samples (seeds) per length and depth")
     ev.add_argument("--seed", type=int, default=0, help="first seed")

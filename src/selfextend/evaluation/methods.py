@@ -6,6 +6,8 @@ every method. `linear`, `dynamic` (NTK) and `yarn` take their frequencies from t
 ROPE_INIT_FUNCTIONS with a factor fitted to the length (N / L, at least 1) unless one is given, and scale
 only the layers SelfExtend would extend (Gemma 3's sliding-window layers stay as they are). `dynamic` is
 frozen at the input's length, which is what one unchunked forward pass over the whole input would use.
+`truncated` (perplexity only) is the floor without any extension: each token scored from a fresh window
+of its last C - s .. C tokens (C = L and the stride s = C/4 by default); it leaves the model as it is.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from ..positions import POSITION_MAPS
 from ..rotary import find_rope, rope_parameters_of
 
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
-EVAL_METHODS = ("vanilla", *POSITION_MAPS, *ROPE_SCALINGS)
+TRUNCATED = "truncated"
+EVAL_METHODS = ("vanilla", *POSITION_MAPS, *ROPE_SCALINGS, TRUNCATED)
 _PARAMETERS = {"vanilla": (), **{name: preset.symbols for name, preset in POSITION_MAPS.items()},
-               **{name: ("factor",) for name in ROPE_SCALINGS}}
+               **{name: ("factor",) for name in ROPE_SCALINGS}, TRUNCATED: ("C", "s")}
 _SETTINGS = {symbol: setting for preset in POSITION_MAPS.values()  # a spec's G=.. -> group_size
              for symbol, setting in zip(preset.symbols, preset.settings)}
 
@@ -41,7 +44,7 @@ class Method:
 
     @classmethod
     def parse(cls, spec: str) -> "Method":
-        """`yarn`, `linear:factor=4`, `selfextend:G=8,W=1024`, `string:S=10922,w=128`."""
+        """`yarn`, `linear:factor=4`, `selfextend:G=8,W=1024`, `string:S=10922,w=128`, `truncated:C=4096`."""
         name, _, rest = spec.strip().partition(":")
         if name not in EVAL_METHODS:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(EVAL_METHODS)}")
@@ -52,6 +55,8 @@ class Method:
                 allowed = ", ".join(_PARAMETERS[name]) or "none"
                 raise ValueError(f"bad parameter {item!r} for {name} (parameters: {allowed})")
             fixed[key] = float(value) if key == "factor" else int(value)
+        if name == TRUNCATED and not 1 <= fixed.get("s", 1) < fixed.get("C", fixed.get("s", 1) + 1):
+            raise ValueError(f"truncated needs 1 <= s < C, got {rest}")
         method = cls(name, fixed)
         if name in POSITION_MAPS:
             check_request(name, **method._settings, names=SPEC)
@@ -96,6 +101,9 @@ class Method:
             return dict(zip(labels, (chosen.settings.own_settings[_SETTINGS[label]] for label in labels)))
         if self.name in ROPE_SCALINGS:
             return {"factor": self.fixed.get("factor", round(max(1.0, length / training_length(model)), 4))}
+        if self.name == TRUNCATED:
+            context = self.fixed.get("C", training_length(model))
+            return {"C": context, "s": self.fixed.get("s", max(1, context // 4))}
         return {}
 
 

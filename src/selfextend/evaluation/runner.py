@@ -21,8 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..config import training_length
 from ..inference import respond
 from ..samples import token_counter
-from .methods import Method, applied
-from .perplexity import bucket_means, token_nll
+from .methods import TRUNCATED, Method, applied
+from .perplexity import bucket_means, token_nll, truncated_nll
 from .tasks import TASKS, is_correct
 from .texts import kjv_text
 
@@ -53,6 +53,8 @@ class Evaluation:
             raise ValueError(f"lengths must be at least 2 tokens, got {self.lengths}")
         if not self.methods:
             raise ValueError("give at least one method")
+        if self.task != PERPLEXITY and any(m.name == TRUNCATED for m in self.methods):
+            raise ValueError(f"{TRUNCATED} scores perplexity only; {self.task} needs the model to read the whole input")
         if self.samples < 1:
             raise ValueError(f"samples must be at least 1, got {self.samples}")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
@@ -144,8 +146,14 @@ def _run_one(model, tokenizer, ev: Evaluation, method: Method, ids: torch.Tensor
     started = time.perf_counter()
     n = ids.shape[1]
     if sample is None:
+        chunk = min(ev.chunk_size, 1024)
         with applied(model, method, n, ev.effective_length) as params:
-            nll = token_nll(model, ids, min(ev.chunk_size, 1024), on_chunk=on_chunk)
+            if method.name == TRUNCATED:
+                read = min(n, params["C"]) + math.ceil(max(0, n - params["C"]) / params["s"]) * params["C"]
+                nll = truncated_nll(model, ids, params["C"], params["s"], chunk,
+                                    on_chunk=lambda k: on_chunk(k * n / read))
+            else:
+                nll = token_nll(model, ids, chunk, on_chunk=on_chunk)
         mean = nll.mean().item()
         return {"method": method.spec, "params": params, "tokens": n, "nll": round(mean, 5),
                 "ppl": round(math.exp(mean), 4), "bucket": bucket, "nll_buckets": bucket_means(nll, bucket),
