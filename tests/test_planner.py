@@ -147,3 +147,19 @@ def test_settings_describe_themselves_and_come_back_from_what_they_save(settings
 def test_apply_records_the_effective_length_given_with_group_size_and_window():
     model = selfextend.apply(make_model("llama"), 4, 8, effective_length=32)
     assert (selfextend.settings(model).effective_length, selfextend.settings(model).effective_source) == (32, "given")
+
+
+@pytest.mark.parametrize("model, target, group, window", [
+    ("gemma3-270m", 40000, 7, 3584),  # the README's main job
+    ("gemma3-270m", 65536, 11, 3584),
+    ("smollm2", 16384, 19, 512),  # docs/results.md, SmolLM2
+    ("smollm2", 32768, 38, 512)])
+def test_the_shipped_profiles_plan_what_the_results_report(model, target, group, window):
+    """The rule on both real models' measured E: the plans whose results docs/results.md reports."""
+    from selfextend.planning.profiles import SHIPPED, load_profile
+
+    profiles = {p.model: p for p in map(load_profile, SHIPPED.glob("*.json"))}
+    profile = profiles[model]
+    chosen = plan(profile.train_length, target, profile.effective_length)
+    assert (chosen.group_size, chosen.window_size) == (group, window)
+    assert chosen.largest_position <= 2 * profile.effective_length // 3 and chosen.max_length >= target

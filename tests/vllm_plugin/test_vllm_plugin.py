@@ -226,3 +226,20 @@ def test_vllm_serve_with_the_plugin_answers_the_openai_client(tmp_path):
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+def test_decoding_rows_gathered_together_left_padded():
+    """The batched gather gives each request's keys and values, in order, at the end of its row."""
+    from selfextend.vllm.cpu_backend import gather_kv, gather_kv_batch
+
+    blocks, heads, block_size, dim = 12, 2, 4, 8
+    cache = torch.randn(blocks, heads, block_size, 2 * dim)
+    table = torch.tensor([[3, 7, 1, 0, 0], [5, 2, 9, 11, 4], [6, 0, 0, 0, 0]], dtype=torch.int32)
+    lengths = torch.tensor([10, 17, 3])
+    keys, values = gather_kv_batch(cache, table, lengths)
+    total = 20  # the longest, 17, rounded up to whole blocks
+    assert keys.shape == values.shape == (3, heads, total, dim)
+    for r, length in enumerate(lengths.tolist()):
+        want_keys, want_values = gather_kv(cache, table[r], length)
+        torch.testing.assert_close(keys[r:r + 1, :, total - length:], want_keys, rtol=0, atol=0)
+        torch.testing.assert_close(values[r:r + 1, :, total - length:], want_values, rtol=0, atol=0)

@@ -6,7 +6,8 @@ request goes to the project's blockwise kernel when its keys reach past the neig
 to vLLM's own kernel, unchanged. vLLM hands `forward` the queries already rotated at their positions,
 after writing this step's keys and values into the paged cache, so each request's keys are gathered from
 its blocks (the cache holds them rotated at their own positions; the grouped ones are rotated from
-there, as in transformers).
+there, as in transformers). The step's decoding requests go through the kernel together, left-padded to
+the longest (one gather and one kernel call per layer); prefill chunks go one request at a time.
 """
 
 from __future__ import annotations
@@ -39,6 +40,25 @@ def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tupl
     # contiguous: the CPU flash kernel reads the head dimension as unit-stride
     return (key.reshape(heads, -1, dim)[None, :, :length].contiguous(),
             value.reshape(heads, -1, dim)[None, :, :length].contiguous())
+
+
+def gather_kv_batch(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [rows, kv_heads, T, head_dim] of several requests, each left-padded to T (a multiple of
+    the block size): row r's `lengths[r]` keys fill its last positions, what comes before is not attended."""
+    n_blocks, heads, block_size, twice = kv_cache.shape
+    dim, rows = twice // 2, len(lengths)
+    count = -(-int(lengths.max()) // block_size)
+    blocks = block_table[:, :count].long().clamp(0, n_blocks - 1)  # past a row's last block: any block, hidden
+    kv = kv_cache.view(n_blocks, heads, 2 * block_size, dim)[blocks]  # [rows, count, heads, 2·block, d]
+    total = count * block_size
+    key = kv[:, :, :, :block_size].reshape(rows, count, heads, dim, block_size).permute(0, 2, 1, 4, 3)
+    key, value = key.reshape(rows, heads, total, dim), kv[:, :, :, block_size:].transpose(1, 2).reshape(
+        rows, heads, total, dim)
+    # index t of row r reads key t - (total - length): the keys move to the end of the row
+    order = (torch.arange(total, device=kv_cache.device)[None] - (total - lengths)[:, None]) % total
+    index = order[:, None, :, None].expand(rows, heads, total, dim)
+    return key.gather(2, index), value.gather(2, index)
 
 
 class SelfExtendCPUImpl(CPUAttentionBackendImpl):
@@ -79,7 +99,12 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         if len(extended) < len(lengths):  # the others: vLLM's own kernel (n <= W is plain attention)
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
+        decoding = [r for r in extended if starts[r + 1] - starts[r] == 1]
+        if decoding:
+            self._decode(query, kv_cache, attn_metadata, decoding, starts, output)
         for r in extended:
+            if starts[r + 1] - starts[r] == 1:
+                continue
             a, b, length = starts[r], starts[r + 1], lengths[r]
             keys, values = gather_kv(kv_cache, attn_metadata.block_table[r], length)
             geometry = resolve_geometry(KVLayout(q_offset=length - (b - a), kv_offset=0), None, 1, b - a, length,
@@ -88,6 +113,19 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
                                          self.scale)
             output[a:b] = out[0]
         return output
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata, rows: list[int],
+                starts: list[int], output: torch.Tensor) -> None:
+        """One new token for each of `rows`, all through one kernel call over their left-padded keys."""
+        index = torch.tensor(rows, device=query.device)
+        lengths = attn_metadata.seq_lens[index].long()
+        keys, values = gather_kv_batch(kv_cache, attn_metadata.block_table[index], lengths)
+        total = keys.shape[2]
+        geometry = resolve_geometry(KVLayout(q_offset=total - 1, kv_offset=0), None, len(rows), 1, total,
+                                    query.device, starts=(total - lengths)[:, None])
+        tokens = torch.tensor([starts[r] for r in rows], device=query.device)
+        out = self.kernel.selfextend(query[tokens][:, :, None], keys, values, geometry, self.rotation, self.scale)
+        output[tokens] = out[:, 0]
 
 
 class SelfExtendMetadataBuilder(CPUAttentionMetadataBuilder):
