@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -21,14 +20,9 @@ from pathlib import Path
 
 import httpx
 
+from local_server import free_port, wait_until_healthy
 from selfextend import models
 from selfextend.samples import passkey_sample
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -42,16 +36,7 @@ class Server:
             command += ["--model", model]
         self.log = open(log, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 900
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start; see {log}")
-            time.sleep(0.5)
+        wait_until_healthy(self.url, self.process, log, 900)
 
     def __enter__(self):
         return self

@@ -23,31 +23,17 @@ from pathlib import Path
 import httpx
 import torch
 
+from local_server import free_port, wait_until_healthy
 from selfextend.testbed import WEIGHTS
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _start(command: list[str], log: Path, seconds: float = 600) -> tuple[subprocess.Popen, str, int]:
-    port = _port()
+    port = free_port()
     process = subprocess.Popen([*command, "--port", str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                env={"VLLM_CPU_KVCACHE_SPACE": "1", **__import__("os").environ})
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + seconds
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url, port
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server did not start; see {log}")
-        time.sleep(0.5)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_healthy(url, process, log, seconds)
+    return process, url, port
 
 
 def _one(url: str, model: str, prompt: list[int], max_tokens: int, out: list) -> None:
