@@ -102,9 +102,7 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         decoding = [r for r in extended if starts[r + 1] - starts[r] == 1]
         if decoding:
             self._decode(query, kv_cache, attn_metadata, decoding, starts, output)
-        for r in extended:
-            if starts[r + 1] - starts[r] == 1:
-                continue
+        for r in sorted(set(extended) - set(decoding)):  # prefill chunks, one request at a time
             a, b, length = starts[r], starts[r + 1], lengths[r]
             keys, values = gather_kv(kv_cache, attn_metadata.block_table[r], length)
             geometry = resolve_geometry(KVLayout(q_offset=length - (b - a), kv_offset=0), None, 1, b - a, length,
