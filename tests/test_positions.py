@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from selfextend import extended_limit

@@ -9,7 +9,7 @@ the caller leaves open.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from .errors import UnsupportedModelError
 from .positions import POSITION_MAPS, FarPass, PositionMap

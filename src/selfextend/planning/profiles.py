@@ -9,25 +9,19 @@ is never used for a model it was not measured on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..config import training_length
+from ..identity import model_identity
 from ..models import cache_home
-from ..rotary import rope_parameters_of
 
 FORMAT = "selfextend-profile/1"
 SHIPPED = Path(__file__).parent / "profiles"
-_SAMPLE = 1024  # values hashed from each end of a tensor, and strided through it
-_ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-                 "sliding_window", "layer_types")
 
 
 class ProfileError(ValueError):
@@ -77,23 +71,6 @@ class Profile:
         if not 0 < profile.effective_length <= profile.train_length:
             raise ProfileError(f"effective length {profile.effective_length} is outside 1..{profile.train_length}")
         return profile
-
-
-def model_identity(model: nn.Module) -> str:
-    """A hash of `model`'s architecture and weights that no other model shares (dtype float32/bfloat16 alike)."""
-    text = model.config.get_text_config()
-    architecture = {key: getattr(text, key, None) for key in _ARCHITECTURE}
-    architecture["rope"] = rope_parameters_of(text)
-    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True, default=str).encode())
-    for name, parameter in sorted(model.named_parameters()):
-        digest.update(f"{name}:{tuple(parameter.shape)}".encode())
-        if parameter.device.type == "meta":
-            continue
-        flat = parameter.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLE)
-        sample = torch.cat([flat[:_SAMPLE], flat[::step][:_SAMPLE], flat[-_SAMPLE:]])
-        digest.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-    return digest.hexdigest()[:32]
 
 
 def profile_dir() -> Path:
