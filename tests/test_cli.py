@@ -45,6 +45,20 @@ def test_generate_matches_plain_generate(model_dir, tmp_path, capsys):
     assert out.strip() == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+@pytest.mark.parametrize("weights", ["float16", "int8"])
+def test_generate_with_lighter_weights(model_dir, tmp_path, capsys, weights):
+    """--weights stores the linear layers lighter and still answers (float16 as the plain model, greedy)."""
+    text = "The sky is blue. " * 15
+    (tmp_path / "doc.txt").write_text(text)
+    argv = ["generate", "--input", tmp_path / "doc.txt", "--model", model_dir, "--max-new-tokens", 6, "--quiet"]
+    code, dense, err = run(capsys, *argv)
+    assert code == 0, err
+    code, out, err = run(capsys, *argv, "--weights", weights)
+    assert code == 0, err
+    if weights == "float16":
+        assert out == dense
+
+
 def test_generate_reads_stdin(model_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("The grass is green. " * 10))
     code, out, err = run(capsys, "generate", "--input", "-", "--model", model_dir, "--max-new-tokens", 3, "--quiet")
@@ -70,6 +84,7 @@ def test_generate_sample_document(model_dir, capsys):
     (["plan"], "--length N or --input"),
     (["generate", "--input", "{doc}", "--method", "string", "--effective-length", "50", "--model",
       "/no/such/model.gguf"], "STRING does not use it"),  # flags are checked before any model is looked for
+    (["generate", "--input", "{doc}", "--weights", "int8", "--dtype", "bfloat16"], "float32 compute on CPU"),
 ])
 def test_clear_errors(model_dir, tmp_path, capsys, argv, message):
     (tmp_path / "empty.txt").write_text("  \n")

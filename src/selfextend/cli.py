@@ -17,6 +17,7 @@ from .integration import apply_plan
 from .planning import Plan, find_profile, resolve, uses_profile
 from .rotary import rope_parameters_of
 from .samples import token_counter
+from .weights import DEFAULT_WEIGHTS, WEIGHT_FORMATS, check_format
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -77,6 +78,15 @@ def _check_flags(args) -> None:
         raise CommandError(str(error)) from error
 
 
+def _load_model(args, source: models.ModelSource):
+    """The model the run options ask for (device, dtype, weight format), a bad combination refused first."""
+    try:
+        check_format(args.weights, args.device, args.dtype)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    return models.load_model(source, device=args.device, dtype=args.dtype, weights=args.weights)
+
+
 def _settings(args, model_or_config, length: int) -> Plan:
     """The plan for `length` tokens from the flags (given settings, or the planner's), errors as the user's."""
     try:
@@ -97,7 +107,7 @@ def cmd_generate(args) -> None:
     tokenizer = models.load_tokenizer(source)
     text, question, key = _document(args, tokenizer)
     started = time.perf_counter()
-    model = models.load_model(source, device=args.device, dtype=args.dtype)
+    model = _load_model(args, source)
     ids = _prompt_ids(tokenizer, text, question, args.chat).to(args.device)
     n = ids.shape[1]
     train_length = training_length(model)
@@ -202,7 +212,7 @@ def cmd_calibrate(args) -> None:
         raise CommandError(f"--budget must be a positive number of minutes, got {args.budget}")
     source = _source(args)
     tokenizer = models.load_tokenizer(source)
-    model = models.load_model(source, device=args.device, dtype=args.dtype)
+    model = _load_model(args, source)
     profile = find_profile(model) if args.compare else None
     if profile is not None:
         print(f"[calibrate] comparing against the measured E = {profile.effective_length} ({profile.path})",
@@ -258,7 +268,7 @@ def cmd_eval(args) -> None:
         raise CommandError(str(error)) from error
     source = _source(args)
     tokenizer = models.load_tokenizer(source)
-    model = models.load_model(source, device=args.device, dtype=args.dtype)
+    model = _load_model(args, source)
     out = Path(args.out)
     try:
         rows = evaluate(model, tokenizer, ev, out, progress=not args.quiet)
@@ -300,7 +310,7 @@ def cmd_serve(args) -> None:
     source = _source(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tokenizer = models.load_tokenizer(source)
-    model = models.load_model(source, device=args.device, dtype=args.dtype)
+    model = _load_model(args, source)
     try:
         planner = request_planner(model, **_request(args))
     except (ValueError, TypeError) as error:
@@ -346,6 +356,9 @@ def _add_run_options(parser: argparse.ArgumentParser, quiet: bool = True) -> Non
     parser.add_argument("--chunk-size", type=int, default=2048, help="prefill tokens per forward pass")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS, choices=WEIGHT_FORMATS,
+                        help="how linear weights are stored: dense (as --dtype), float16 or int8 (CPU, float32 "
+                             f"compute; lighter and faster to decode; default {DEFAULT_WEIGHTS})")
     if quiet:
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -143,11 +143,17 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32") -> transformers.PreTrainedModel:
+def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32",
+               weights: str = "dense") -> transformers.PreTrainedModel:
     """The causal LM in eval mode, with SDPA attention; caches the embedded default's converted weights.
 
-    Only a GGUF's conversion (a minute or more) shows transformers' progress bars; a folder loads quietly.
+    `weights` stores its linear layers and embedding lighter (see `selfextend.weights`: float16, int8; CPU
+    float32 only). Only a GGUF's conversion (a minute or more) shows transformers' progress bars; a folder
+    loads quietly.
     """
+    from .weights import compress, check_format
+
+    check_format(weights, device, dtype)
     torch_dtype = getattr(torch, dtype)
     with contextlib.nullcontext() if source.gguf_file else _no_progress_bars():
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -156,7 +162,7 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32")
         )
     if source.cache_to is not None:
         _save_converted(model, source)
-    return model.to(device=device, dtype=torch_dtype).eval()
+    return compress(model.to(device=device, dtype=torch_dtype).eval(), weights)
 
 
 def _save_converted(model: transformers.PreTrainedModel, source: ModelSource) -> None:
