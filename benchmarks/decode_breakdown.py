@@ -1,0 +1,234 @@
+"""Where a decode step's time goes, per weight format, cache length and method, beside llama.cpp.
+
+One decode step is the forward pass of one new token over a KV cache of n tokens plus the greedy pick, as
+`generate` runs it. The cache is filled with random keys and values of the model's shapes (a step's cost
+depends on the shapes, not the values), so 40K costs no 40K prefill; the first steps (not timed) build
+SelfExtend's kept grouped keys. Each step is split by timing hooks into:
+
+- linear: every linear layer and the LM head, i.e. reading the weights;
+- attention: the attention function (SDPA, or SelfExtend's kernel);
+- cache: the KV cache update;
+- other: the rest (norms, RoPE, residuals, embedding, Python), the step's time less those three.
+
+The weights floor is the bytes of linear weights one step reads over this machine's measured read bandwidth.
+Each weight format runs in its own process (its peak RSS is printed); llama.cpp's `llama-bench` at the same
+depths on the same GGUF, given `--llama-bench`, is the anchor the ratios are taken against.
+
+    python benchmarks/decode_breakdown.py --llama-bench /tmp/llamacpp/.../build/bin/llama-bench
+    python benchmarks/decode_breakdown.py --formats dense,int8 --lengths 16384 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import time
+from collections import defaultdict
+
+from fresh import in_fresh_process
+
+
+def read_bandwidth() -> float:
+    """This machine's memory read bandwidth in GB/s: summing a 1 GiB float32 tensor, best of five."""
+    import torch
+
+    data = torch.ones(2 ** 28)
+    data.sum()
+    best = min(_seconds(data.sum) for _ in range(5))
+    return data.numel() * 4 / best / 1e9
+
+
+def _seconds(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of linear weights one decode step reads (each PackedLinear's stored form, or the float tensor)."""
+    from torch import nn
+
+    from selfextend.weights import PackedLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            per = 2 if module.format == "float16" else 1
+            total += module.in_features * module.out_features * per + (module.out_features * 4 if per == 1 else 0)
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+class _Timers:
+    """Seconds spent in linear layers, the attention function and the cache update, while `on`."""
+
+    def __init__(self, model) -> None:
+        from torch import nn
+        from transformers import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        from selfextend.weights import PackedLinear
+
+        self.spent: dict[str, float] = defaultdict(float)
+        self.on = False
+        self._originals = {name: ALL_ATTENTION_FUNCTIONS[name] for name in ("sdpa", "selfextend")}
+        for name, function in self._originals.items():
+            AttentionInterface.register(name, self._timed("attention", function))
+        self._register = AttentionInterface.register
+        starts: dict[int, float] = {}
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, PackedLinear)):
+                module.register_forward_pre_hook(lambda m, a: starts.__setitem__(id(m), time.perf_counter()))
+                module.register_forward_hook(lambda m, a, o: self._add("linear", time.perf_counter() - starts[id(m)]))
+
+    def _add(self, part: str, seconds: float) -> None:
+        if self.on:
+            self.spent[part] += seconds
+
+    def _timed(self, part: str, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._add(part, time.perf_counter() - start)
+        return timed
+
+    def watch_cache(self, cache) -> None:
+        cache.update = self._timed("cache", cache.update)
+
+    def close(self) -> None:
+        for name, function in self._originals.items():
+            self._register(name, function)
+
+
+def _random_cache(model, n: int):
+    """A DynamicCache holding n random keys and values per layer (sliding layers keep their window)."""
+    import torch
+    from transformers import DynamicCache
+
+    config = model.config.get_text_config()
+    cache = DynamicCache(config=model.config)
+    heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for layer in range(config.num_hidden_layers):
+        keys, values = torch.randn(1, heads, n, head_dim), torch.randn(1, heads, n, head_dim)
+        cache.update(keys, values, layer)
+    return cache
+
+
+def measure(fmt: str, lengths: list[int], methods: list[str], steps: int, model_name: str | None) -> dict:
+    """Decode-step breakdowns for one weight format, in this process."""
+    import torch
+
+    import selfextend
+    from selfextend import models
+    from selfextend.transformers_compat import cache_kwargs
+    from selfextend.weights import compress
+
+    source = models.resolve(model_name)
+    model = compress(models.load_model(source), fmt)
+    rows = []
+    for n in lengths:
+        for method in methods:
+            selfextend.remove(model)
+            settings = "-"
+            if method == "selfextend":
+                selfextend.apply(model, input_length=n + steps + 4)
+                config = selfextend.settings(model)
+                settings = f"G={config.group_size} W={config.window_size}"
+            timers = _Timers(model)
+            cache = _random_cache(model, n)
+            timers.watch_cache(cache)
+            token = torch.tensor([[1]])
+            plain, timed = [], []
+            with torch.inference_mode():
+                for step in range(2 * steps + 2):
+                    timers.on = step >= steps + 2
+                    before = dict(timers.spent)
+                    start = time.perf_counter()
+                    logits = model(token, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
+                    token = logits[:, -1].argmax(-1, keepdim=True)
+                    seconds = time.perf_counter() - start
+                    if 2 <= step < steps + 2:
+                        plain.append(seconds)
+                    elif timers.on:
+                        timed.append((seconds, {k: v - before.get(k, 0.0) for k, v in timers.spent.items()}))
+            timers.close()
+            step_ms = statistics.median(plain) * 1e3
+            timed_ms = statistics.median(s for s, _ in timed) * 1e3
+            parts = {part: statistics.median(p.get(part, 0.0) for _, p in timed) * 1e3
+                     for part in ("linear", "attention", "cache")}
+            rows.append({"format": fmt, "tokens": n, "method": method, "settings": settings, "step_ms": step_ms,
+                         "tok_s": 1e3 / step_ms, **{f"{k}_ms": v for k, v in parts.items()},
+                         "other_ms": timed_ms - sum(parts.values()), "timed_step_ms": timed_ms})
+    return {"format": fmt, "weight_bytes": _weight_bytes(model), "rows": rows,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def llama_bench(binary: str, gguf: str, lengths: list[int], threads: int) -> dict[int, float]:
+    """llama.cpp's decode tok/s (64 new tokens) at each cache depth, from `llama-bench -o json`."""
+    depths = ",".join(str(n) for n in lengths)
+    done = subprocess.run([binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", "64", "-d", depths,
+                           "-r", "2", "-o", "json"], check=True, capture_output=True, text=True)
+    return {int(row["n_depth"]): float(row["avg_ts"]) for row in json.loads(done.stdout)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a named model (default: the embedded Gemma 3 270M)")
+    parser.add_argument("--formats", default="dense,float16,int8")
+    parser.add_argument("--lengths", default="4096,16384,40960")
+    parser.add_argument("--methods", default="vanilla,selfextend")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per cell (and as many instrumented)")
+    parser.add_argument("--llama-bench", help="path to llama.cpp's llama-bench: adds its decode speed")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write all rows here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    lengths, methods = [int(n) for n in args.lengths.split(",")], args.methods.split(",")
+    if args.bandwidth:
+        print(json.dumps({"gb_s": read_bandwidth()}))
+        return
+    if args.one:
+        print(json.dumps(measure(args.one, lengths, methods, args.steps, args.model)))
+        return
+
+    gb_s = in_fresh_process(__file__, ["--bandwidth"])["gb_s"]
+    anchor = {}
+    if args.llama_bench:
+        from selfextend import models
+
+        gguf = models.NAMED_MODELS[args.model or models.DEFAULT_MODEL].gguf()
+        anchor = llama_bench(args.llama_bench, str(gguf), lengths, args.threads)
+    results = []
+    for fmt in args.formats.split(","):
+        argv = ["--one", fmt, "--lengths", args.lengths, "--methods", args.methods, "--steps", str(args.steps)]
+        results.append(in_fresh_process(__file__, argv + (["--model", args.model] if args.model else [])))
+
+    print(f"read bandwidth {gb_s:.1f} GB/s" + (f"; llama.cpp decode tok/s by depth: {anchor}" if anchor else ""))
+    print(f"{'format':8} {'tokens':>6} {'method':10} {'settings':12} {'tok/s':>6} {'x llama':>7} {'step':>6} "
+          f"{'linear':>6} {'floor':>6} {'attn':>6} {'cache':>6} {'other':>6}  (ms)")
+    for result in results:
+        floor_ms = result["weight_bytes"] / gb_s / 1e6
+        result["weights_floor_ms"] = floor_ms
+        for row in result["rows"]:
+            ratio = row["tok_s"] / anchor[row["tokens"]] if row["tokens"] in anchor else float("nan")
+            row["x_llama_cpp"] = ratio
+            print(f"{row['format']:8} {row['tokens']:>6} {row['method']:10} {row['settings']:12} {row['tok_s']:6.1f} "
+                  f"{ratio:7.2f} {row['step_ms']:6.1f} {row['linear_ms']:6.1f} {floor_ms:6.1f} "
+                  f"{row['attention_ms']:6.1f} {row['cache_ms']:6.1f} {row['other_ms']:6.1f}")
+        print(f"{result['format']}: {result['weight_bytes'] / 1e6:.0f} MB of linear weights per step, "
+              f"peak RSS {result['peak_mib']:.0f} MiB")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"read_gb_s": gb_s, "llama_cpp_tok_s": anchor, "results": results}, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()
