@@ -15,8 +15,8 @@ LAYERS = [  # top to bottom, as the README lists them
     ["integration", "grouped_keys"],
     ["planning"],
     ["attention"],
-    ["config", "rotary"],
-    ["positions", "errors", "transformers_compat", "models", "samples", "testbed"],
+    ["config", "rotary", "identity", "models", "weights"],
+    ["positions", "errors", "transformers_compat", "samples", "testbed"],
 ]
 LAYER = {name: depth for depth, names in enumerate(LAYERS) for name in names}
 
