@@ -10,6 +10,7 @@ import selfextend
 from selfextend import integration
 from selfextend.attention import blockwise
 from selfextend.inference import answer, prefill
+from selfextend.kv_cache import new_cache
 from selfextend.transformers_compat import cache_kwargs
 from conftest import make_model
 
@@ -19,6 +20,9 @@ G, W = 4, 8
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     monkeypatch.setattr(blockwise, "DEFAULT_BLOCK", 32)
+
+
+CACHES = {"dynamic": lambda config: DynamicCache(config=config), "growing": new_cache}  # concatenating, in place
 
 
 def _ids(n, seed=1, batch=1):
@@ -40,9 +44,10 @@ def _steps(model, cache, ids, tokens):
     return torch.stack(logits)
 
 
-def test_a_decode_step_rotates_only_its_new_key(rotated_keys):
+@pytest.mark.parametrize("kind", CACHES)
+def test_a_decode_step_rotates_only_its_new_key(rotated_keys, kind):
     kept, _ = _pair()
-    cache = DynamicCache(config=kept.config)
+    cache = CACHES[kind](kept.config)
     _steps(kept, cache, _ids(40), [])
     rotated_keys.clear()
     _steps(kept, cache, _ids(1, seed=2), [5, 6])
@@ -77,19 +82,21 @@ def test_a_cache_we_cannot_find_is_said_not_silent(monkeypatch):
         prefill(kept, _ids(60), chunk_size=16)
 
 
+@pytest.mark.parametrize("kind", CACHES)
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_kept_keys_give_what_rotating_every_step_gives(family):
+def test_kept_keys_give_what_rotating_every_step_gives(family, kind):
     kept, fresh = _pair(family)
-    got = _steps(kept, DynamicCache(config=kept.config), _ids(37), [4, 9, 11, 2, 7])
+    got = _steps(kept, CACHES[kind](kept.config), _ids(37), [4, 9, 11, 2, 7])
     expected = _steps(fresh, DynamicCache(config=fresh.config), _ids(37), [4, 9, 11, 2, 7])
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-def test_a_cropped_cache_continues_right():
+@pytest.mark.parametrize("kind", CACHES)
+def test_a_cropped_cache_continues_right(kind):
     kept, fresh = _pair()
     results = []
     for model in (kept, fresh):
-        cache = DynamicCache(config=model.config)
+        cache = CACHES[kind](model.config)
         _steps(model, cache, _ids(40), [4, 9, 11])
         cache.crop(-13)  # back to 30 tokens, as assisted generation does after a rejected draft
         results.append(_steps(model, cache, _ids(6, seed=3), [8, 1]))
@@ -126,11 +133,12 @@ def test_remove_takes_the_hook_away():
     assert not any(m._forward_pre_hooks for m in attention)
 
 
-def test_keys_swapped_under_the_cache_layer_are_noticed():
+@pytest.mark.parametrize("kind", CACHES)
+def test_keys_swapped_under_the_cache_layer_are_noticed(kind):
     kept, fresh = _pair()
     results = []
     for model in (kept, fresh):
-        cache, other = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        cache, other = CACHES[kind](model.config), CACHES[kind](model.config)
         _steps(model, cache, _ids(40), [])
         _steps(model, other, _ids(40, seed=5), [])
         for layer, source in zip(cache.layers, other.layers):  # as restoring a kept prefix would

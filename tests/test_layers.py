@@ -12,7 +12,7 @@ LAYERS = [  # top to bottom, as the README lists them
     ["serving", "vllm"],
     ["evaluation"],
     ["inference"],
-    ["integration", "grouped_keys"],
+    ["integration", "grouped_keys", "kv_cache"],
     ["planning"],
     ["attention"],
     ["config", "rotary", "identity", "models", "weights"],

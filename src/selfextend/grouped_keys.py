@@ -49,7 +49,8 @@ class GroupedKeys:
 
     def _reserve(self, key: torch.Tensor, size: int) -> None:
         capacity = 0 if self.buffer is None else self.buffer.shape[2]
-        if size <= capacity:
+        writable = self.buffer is None or torch.is_inference_mode_enabled() or not self.buffer.is_inference()
+        if size <= capacity and writable:  # (torch refuses writes outside inference mode to one made inside it)
             return
         if self.buffer is not None:
             size += max(256, size // 4)  # room for the next steps: amortized O(1) copying per token

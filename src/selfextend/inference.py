@@ -10,6 +10,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from .integration import settings
+from .kv_cache import new_cache
 from .transformers_compat import cache_kwargs, length_reminder_held_back
 
 ChunkHook = Callable[[int, DynamicCache], None]
@@ -27,7 +28,7 @@ def prefill(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 2048, p
     if chunk_size < 1:
         raise ValueError(f"chunk size must be positive, got {chunk_size}")
     n = ids.shape[1]
-    cache = cache if cache is not None else DynamicCache(config=model.config)
+    cache = cache if cache is not None else new_cache(model.config)
     done = cache.get_seq_length()
     if done > max(n - 1, 0):
         raise ValueError(f"the cache holds {done} tokens, more than the {n - 1} to prefill")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
+from ..kv_cache import new_cache
 from ..transformers_compat import cache_kwargs
 
 
@@ -22,7 +23,7 @@ def _check(ids: torch.Tensor) -> None:
 def _window_nll(model: PreTrainedModel, window: torch.Tensor, first: int, chunk_size: int, on_chunk) -> torch.Tensor:
     """NLL of tokens first+1..end of `window` (1×m) given the window before them, from one fresh cache."""
     m = window.shape[1]
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config)
     out = []
     for start in range(0, m - 1, chunk_size):
         end = min(m - 1, start + chunk_size)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PretrainedConfig
 
+from ..kv_cache import new_cache
+
 Settings = tuple  # what the cached keys and values were computed with: SelfExtendConfig.key()
 
 
@@ -60,7 +62,8 @@ class Recorder:
                                    for i, layer in enumerate(cache.layers) if layer.is_sliding}
 
     def finish(self, cache: DynamicCache) -> Entry:
-        """The entry, holding the full layers of the finished prefill (shared, not copied: updates concatenate)."""
+        """The entry, holding the full layers of the finished prefill (shared, not copied: later updates
+        write past their end or into a new tensor, never into them)."""
         self.entry.full = {i: (layer.keys, layer.values) for i, layer in enumerate(cache.layers)
                            if not layer.is_sliding and layer.is_initialized}
         return self.entry
@@ -125,7 +128,7 @@ class PrefixCache:
 
 def restore(entry: Entry, length: int, config: PretrainedConfig) -> DynamicCache:
     """A new cache holding the first `length` tokens of `entry` (`length` one of its boundaries)."""
-    cache = DynamicCache(config=config)
+    cache = new_cache(config)
     for i, layer in enumerate(cache.layers):
         if not layer.is_sliding and i not in entry.full:
             continue  # a layer that held nothing (shared keys and values)
