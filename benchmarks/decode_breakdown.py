@@ -107,17 +107,20 @@ class _Timers:
 
 
 def _random_cache(model, n: int):
-    """A DynamicCache holding n random keys and values per layer (sliding layers keep their window)."""
+    """The cache every loop uses (kv_cache.new_cache) holding n random keys and values per layer (sliding
+    layers keep their window)."""
     import torch
-    from transformers import DynamicCache
+
+    from selfextend.kv_cache import new_cache
 
     config = model.config.get_text_config()
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config)
     heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    for layer in range(config.num_hidden_layers):
-        keys, values = torch.randn(1, heads, n, head_dim), torch.randn(1, heads, n, head_dim)
-        cache.update(keys, values, layer)
+    with torch.inference_mode():  # as prefill fills it
+        for layer in range(config.num_hidden_layers):
+            keys, values = torch.randn(1, heads, n, head_dim), torch.randn(1, heads, n, head_dim)
+            cache.update(keys, values, layer)
     return cache
 
 

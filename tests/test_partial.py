@@ -16,3 +16,26 @@ def test_a_strided_head_dimension_gives_the_contiguous_result():
         expected, expected_lse = attend(query, key, value, None, 0.2, causal)
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
         torch.testing.assert_close(got_lse, expected_lse, atol=0, rtol=0)
+
+
+def test_a_decode_steps_few_rows_match_the_explicit_form():
+    """The few-row path (heads folded into rows, value product split along the keys) is the explicit softmax:
+    GQA, key counts not divisible by the split or below it, masks, a row that sees no key, strided caches."""
+    from selfextend.attention.partial import FEW_ROWS, SPLITS, _attend_math
+
+    torch.manual_seed(0)
+    for n, hq, hkv, m in [(1, 4, 1, 1037), (1, 8, 2, SPLITS - 3), (2, 4, 2, 64), (1, 9, 3, 5000)]:
+        assert hq // hkv * n <= FEW_ROWS
+        query = torch.randn(2, hq, n, 32)
+        buffer_k, buffer_v = torch.randn(2, hkv, m + 40, 32), torch.randn(2, hkv, m + 40, 32)
+        key, value = buffer_k[:, :, :m], buffer_v[:, :, :m]  # views of a cache with room to spare
+        mask = torch.rand(2, 1, n, m) > 0.3
+        mask[1, :, 0] = False  # a row that sees no key
+        for given in (None, mask):
+            got, got_lse = attend(query, key, value, given, 0.2)
+            expected, expected_lse = _attend_math(query, key, value, given, 0.2)
+            if given is not None:
+                expected = expected.masked_fill(~given.any(-1)[..., None], 0.0)
+                expected_lse = expected_lse.masked_fill(~given.any(-1), float("-inf"))
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_lse, expected_lse, atol=1e-5, rtol=1e-5)

@@ -16,6 +16,9 @@ def attend(
     lse [b, hq, n] in float32, -inf on rows that see no key). Under autograd the explicit form runs,
     since the fused kernel's lse carries no gradient and merging partials needs it.
     """
+    if query.device.type == "cpu" and not needs_grad(query, key, value) and not causal \
+            and query.shape[1] // key.shape[1] * query.shape[2] <= FEW_ROWS:
+        return _no_key_rows(*_attend_few(query, key, value, mask, scale), mask)
     if query.device.type == "cpu" and not needs_grad(query, key, value):
         # the CPU flash kernel reads the head dimension as unit-stride: other strides give wrong sums (torch 2.13)
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
@@ -30,6 +33,44 @@ def attend(
         n, m = query.shape[2], key.shape[2]
         mask = torch.ones(n, m, dtype=torch.bool, device=query.device).tril()[None, None]
     return _no_key_rows(*_attend_math(query, key, value, mask, scale), mask)
+
+
+FEW_ROWS = 16  # query rows per key/value head (a decode step's heads) up to which _attend_few runs instead
+SPLITS = 8  # key ranges _attend_few's value product is split into, one batch entry each
+
+
+def _attend_few(query, key, value, mask, scale):
+    """A few query rows (a decode step) on CPU: two GEMMs that read K and V once each.
+
+    The flash kernel runs such a call on one thread and reads K and V once per query head; here the heads
+    sharing a key/value head are folded into rows, the logits come from K @ q (the layout the CPU GEMM
+    streams fastest), and the value product is split along the keys into a batch, so every core reads part.
+    """
+    b, hq, n, d = query.shape
+    hkv, m = key.shape[1], key.shape[2]
+    rows = hq // hkv * n
+    folded = query.reshape(b, hkv, rows, d)
+    logits = torch.matmul(key, folded.transpose(-1, -2)).transpose(-1, -2).float().mul_(scale).contiguous()
+    logits = logits.reshape(b, hkv, hq // hkv, n, m)
+    if mask is not None:
+        logits.masked_fill_(~mask[:, :, None], float("-inf"))
+    peak = logits.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).min)
+    probs = logits.sub_(peak).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    lse = (peak + total.log()).squeeze(-1)  # -inf where no key is seen (total 0)
+    probs = probs.div_(total.clamp_min_(torch.finfo(torch.float32).tiny)).to(value.dtype)
+    probs = probs.reshape(b * hkv, rows, m)
+    values = value.reshape(b * hkv, m, d)
+    step = m // SPLITS
+    if step:
+        split = torch.matmul(probs[:, :, :step * SPLITS].reshape(b * hkv, rows, SPLITS, step).transpose(1, 2),
+                             values[:, :step * SPLITS].reshape(b * hkv, SPLITS, step, d))
+        out = split.sum(dim=1)
+        if step * SPLITS < m:
+            out += torch.matmul(probs[:, :, step * SPLITS:], values[:, step * SPLITS:])
+    else:
+        out = torch.matmul(probs, values)
+    return out.reshape(b, hq, n, d).to(query.dtype), lse.reshape(b, hq, n)
 
 
 def _no_key_rows(out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None):
