@@ -23,6 +23,8 @@ import itertools
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -161,6 +163,8 @@ def main() -> None:
     parser.add_argument("--compare", help="a --json file of an earlier run: print its time ratio beside")
     parser.add_argument("--before", help="an older checkout (git worktree) whose SelfExtend runs in the same rounds")
     parser.add_argument("--cells", help="only the cells whose label contains this text")
+    parser.add_argument("--busy", action="store_true",
+                        help="with one competing CPU-bound process running throughout (a busy user's machine)")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -169,9 +173,22 @@ def main() -> None:
     before = {}
     if args.compare:
         before = {Cell(**r["cell"]).label: r for r in json.load(open(args.compare))}
-    results = []
     print(f"{'cell':<56} {'vanilla':>9} {'SE':>9} {'time ×':>7} {'mem ×':>6}"
           + (f" {'before ×':>9} {'mem ×':>6}" if args.before else "") + (f" {'earlier ×':>9}" if before else ""))
+    competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    try:
+        results = _rows(args, before)
+    finally:
+        if competitor is not None:
+            competitor.kill()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def _rows(args, before: dict) -> list[dict]:
+    """Every selected cell measured and printed as it finishes."""
+    results = []
     for cell in grid(args.preset):
         if args.cells and args.cells not in cell.label:
             continue
@@ -187,9 +204,7 @@ def main() -> None:
             old = before.get(cell.label)
             line += f" {old['time_ratio']:>9.2f}" if old else f" {'-':>9}"
         print(line, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

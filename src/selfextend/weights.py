@@ -158,8 +158,17 @@ def compress(model: nn.Module, fmt: str) -> nn.Module:
     for name, module in targets:
         _replace(model, name, PackedLinear(module, fmt))
     model.set_input_embeddings(CompactEmbedding(embedding, fmt))
+    _own_memory(model)
     setattr(model, IDENTITY_ATTRIBUTE, identity)
     return model
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy the tensors left (norms, biases) out of the loaded file's memory map, so that the map, whose pages
+    the packing read and which count in the process's memory while it is open, is closed."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
