@@ -15,6 +15,7 @@ import weakref
 import torch
 
 from .attention import Geometry
+from .kv_cache import room_for
 from .rotary import GroupedRotation
 
 
@@ -40,24 +41,13 @@ class GroupedKeys:
             self.buffer, self.count, self.first_position = None, 0, first_position
         self.count = min(self.count, fresh)
         if n_grouped > self.count:
-            self._reserve(key, n_grouped)
+            kept = self.buffer[:, :, :self.count] if self.count else None
+            self.buffer = room_for(self.buffer, n_grouped, key, kept)
             new = slice(self.count, n_grouped)
             self.buffer[:, :, new] = rotation(key[:, :, new], geometry.key_positions[:, new], "key")
             self.count = n_grouped
         self._seen = weakref.ref(key)
         return self.buffer[:, :, :n_grouped]
-
-    def _reserve(self, key: torch.Tensor, size: int) -> None:
-        capacity = 0 if self.buffer is None else self.buffer.shape[2]
-        writable = self.buffer is None or torch.is_inference_mode_enabled() or not self.buffer.is_inference()
-        if size <= capacity and writable:  # (torch refuses writes outside inference mode to one made inside it)
-            return
-        if self.buffer is not None:
-            size += max(256, size // 4)  # room for the next steps: amortized O(1) copying per token
-        grown = key.new_empty(key.shape[0], key.shape[1], size, key.shape[3])
-        if self.count:
-            grown[:, :, :self.count] = self.buffer[:, :, :self.count]
-        self.buffer = grown
 
 
 def cache_layer(past_key_values, layer_idx: int):

@@ -16,20 +16,27 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 
+def room_for(buffer: torch.Tensor | None, size: int, like: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """A buffer of at least `size` positions (dim -2) starting with `kept`: `buffer`, which must already start
+    with it, if it has the room and may be written here; else a new one with room to spare (a quarter more,
+    at least 256), so appending one position at a time copies O(1) per position."""
+    writable = buffer is not None and (torch.is_inference_mode_enabled() or not buffer.is_inference())
+    if writable and buffer.shape[-2] >= size:  # (torch refuses writes outside inference mode to one made inside)
+        return buffer
+    grown = like.new_empty(*like.shape[:-2], size + max(256, size // 4), like.shape[-1])
+    if kept is not None:
+        grown[..., :kept.shape[-2], :] = kept
+    return grown
+
+
 def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor):
     """`current` followed by `new`, as a view of `buffer` (reused if `current` is its start and there is room)."""
     n = current.shape[-2] if current.numel() else 0
     size = n + new.shape[-2]
-    reusable = (buffer is not None and buffer.dtype == new.dtype and buffer.device == new.device
-                and buffer.shape[:-2] == new.shape[:-2] and buffer.shape[-1] == new.shape[-1]
-                and buffer.shape[-2] >= size
-                and (torch.is_inference_mode_enabled() or not buffer.is_inference())  # else torch refuses the write
-                and (n == 0 or (current.data_ptr() == buffer.data_ptr() and current.stride() == buffer.stride())))
-    if not reusable:
-        grown = new.new_empty(*new.shape[:-2], size + max(256, size // 4), new.shape[-1])
-        if n:
-            grown[..., :n, :] = current
-        buffer = grown
+    compatible = (buffer is not None and buffer.dtype == new.dtype and buffer.device == new.device
+                  and buffer.shape[:-2] == new.shape[:-2] and buffer.shape[-1] == new.shape[-1]
+                  and (n == 0 or (current.data_ptr() == buffer.data_ptr() and current.stride() == buffer.stride())))
+    buffer = room_for(buffer if compatible else None, size, new, current if n else None)
     buffer[..., n:size, :] = new
     return buffer[..., :size, :], buffer
 
