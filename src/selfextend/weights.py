@@ -4,8 +4,9 @@ A decode step reads every weight once, so on CPU its speed is set by the bytes o
 expanded to float32 reads 4 bytes per weight. The formats here keep the arithmetic in float32 and store less:
 
 - "float16": weights in half precision (fbgemm's fp16 GEMM; activations stay float32, so nothing overflows);
-- "int8": weights in int8 with one scale per output row, activations quantized per call (fbgemm's dynamic
-  int8 GEMM, torch's `quantized.linear_dynamic`); the embedding keeps int8 rows with a scale per token;
+- "int8": weights in int8 with one scale per output row, each token's activations quantized to 7 bits on
+  their own scale (fbgemm's dynamic int8 GEMM, torch's `quantized.linear_dynamic`); the embedding keeps
+  int8 rows with a scale per token;
 - "dense": the model as loaded.
 
 The fbgemm kernels are torch's own (x86 CPUs); the formats are for CPU inference, and their quality cost is
@@ -167,8 +168,11 @@ def _own_memory(model: nn.Module) -> None:
     """Copy the tensors left (norms, biases) out of the loaded file's memory map, so that the map, whose pages
     the packing read and which count in the process's memory while it is open, is closed."""
     with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = tensor.data.clone()
+        for module in model.modules():
+            if isinstance(module, CompactEmbedding):
+                continue  # made here, not mapped: copying it would only double it for a moment
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                tensor.data = tensor.data.clone()
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

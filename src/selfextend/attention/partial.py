@@ -16,10 +16,9 @@ def attend(
     lse [b, hq, n] in float32, -inf on rows that see no key). Under autograd the explicit form runs,
     since the fused kernel's lse carries no gradient and merging partials needs it.
     """
-    if query.device.type == "cpu" and not needs_grad(query, key, value) and not causal \
-            and query.shape[1] // key.shape[1] * query.shape[2] <= FEW_ROWS:
-        return _no_key_rows(*_attend_few(query, key, value, mask, scale), mask)
     if query.device.type == "cpu" and not needs_grad(query, key, value):
+        if not causal and query.shape[1] // key.shape[1] * query.shape[2] <= FEW_ROWS:
+            return _no_key_rows(*_attend_few(query, key, value, mask, scale), mask)
         # the CPU flash kernel reads the head dimension as unit-stride: other strides give wrong sums (torch 2.13)
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
         float_mask = None
