@@ -46,15 +46,22 @@ def test_generate_matches_plain_generate(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("weights", ["float16", "int8"])
-def test_generate_with_lighter_weights(model_dir, tmp_path, capsys, weights):
+def test_generate_with_lighter_weights(model_dir, tmp_path, capsys, monkeypatch, weights):
     """--weights stores the linear layers lighter and still answers (float16 as the plain model, greedy)."""
+    from selfextend import models
+    from selfextend.weights import PackedLinear
+
     text = "The sky is blue. " * 15
     (tmp_path / "doc.txt").write_text(text)
     argv = ["generate", "--input", tmp_path / "doc.txt", "--model", model_dir, "--max-new-tokens", 6, "--quiet"]
     code, dense, err = run(capsys, *argv)
     assert code == 0, err
+    loaded, load = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
     code, out, err = run(capsys, *argv, "--weights", weights)
     assert code == 0, err
+    packed = [m for m in loaded[0].modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.format == weights for m in packed)  # the flag reached the model
     if weights == "float16":
         assert out == dense
 

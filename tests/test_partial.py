@@ -39,3 +39,22 @@ def test_a_decode_steps_few_rows_match_the_explicit_form():
                 expected_lse = expected_lse.masked_fill(~given.any(-1), float("-inf"))
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got_lse, expected_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_a_decode_step_of_a_selfextend_model_takes_the_few_row_path(monkeypatch):
+    """The few-row path is what a decode step runs (a quiet fallback to the one-thread kernel would fail here)."""
+    import selfextend
+    from selfextend.attention import partial
+    from selfextend.kv_cache import new_cache
+    from selfextend.transformers_compat import cache_kwargs
+    from conftest import make_model
+
+    model = selfextend.apply(make_model("llama"), 4, 8)
+    ids = torch.randint(3, 97, (1, 60), generator=torch.Generator().manual_seed(1))
+    cache = new_cache(model.config)
+    with torch.inference_mode():
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
+        calls, few = [], partial._attend_few
+        monkeypatch.setattr(partial, "_attend_few", lambda *args: calls.append(args[0].shape) or few(*args))
+        model(ids[:, -1:], **cache_kwargs(model, cache), use_cache=True)
+    assert len(calls) >= 2 * model.config.num_hidden_layers  # neighbor and grouped partials of every layer
