@@ -5,7 +5,7 @@ HTTP to a server in a child process on 127.0.0.1; requests/s, mean time to first
 tokens/s per request. Each server runs alone, one after another, in this run; ratios are printed against the
 first row of each comparison.
 
-    python benchmarks/vllm_serving.py --vllm-python .venv-vllm/bin/python [--clients 8] [--tokens 500]
+    python benchmarks/vllm_serving.py --vllm-python .venv-vllm/bin/python [--clients 8] [--tokens 500] [--rounds 5]
 
 The model is the project's testbed (L = 128; float32), with G and W fixed alike in both servers.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import threading
@@ -69,11 +70,16 @@ def load(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> dic
             "decode_tok_s": sum(r["decode"] for r in results) / len(results)}
 
 
-def run(name: str, command: list[str], model: str, prompts, max_tokens: int, logs: Path) -> dict:
+def run(name: str, command: list[str], model: str, rounds: list[list[list[int]]], max_tokens: int, logs: Path
+        ) -> dict:
+    """One load per round of new documents (no prefix-cache hits), in turn on one server after a warm-up; each
+    figure is the median over the rounds."""
     process, url, _ = _start(command, logs / f"{name}.log")
     try:
-        load(url, model, prompts[:1], 2)  # warm-up
-        return {"server": name, **load(url, model, prompts, max_tokens)}
+        load(url, model, [rounds[0][0][::-1]], 2)  # warm-up, on a document no round sends
+        measured = [load(url, model, prompts, max_tokens) for prompts in rounds]
+        return {"server": name, **{k: statistics.median(m[k] for m in measured) for k in measured[0]},
+                "rounds": measured}
     finally:
         process.terminate()
         process.wait(60)
@@ -88,14 +94,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=6)
     parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="loads per server; the median is reported")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     logs = Path("runs/vllm_serving")
     logs.mkdir(parents=True, exist_ok=True)
     vocab = 56  # the testbed's
     generator = torch.Generator().manual_seed(0)
-    long = [torch.randint(4, vocab, (args.tokens,), generator=generator).tolist() for _ in range(args.clients)]
-    short = [torch.randint(4, vocab, (args.inside,), generator=generator).tolist() for _ in range(args.clients)]
+
+    def documents(length: int) -> list[list[list[int]]]:
+        return [[torch.randint(4, vocab, (length,), generator=generator).tolist() for _ in range(args.clients)]
+                for _ in range(args.rounds)]
+    long, short = documents(args.tokens), documents(args.inside)
     G, W, n = args.group_size, args.window, args.tokens + args.max_tokens
     vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(WEIGHTS), "--dtype",
             "float32", "--enforce-eager", "--host", "127.0.0.1", "--served-model-name", "testbed"]

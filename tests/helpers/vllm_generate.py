@@ -5,7 +5,8 @@ entry point) over a saved model, greedy tokens and their log-probabilities for a
 
 REQUEST: {"engine": {LLM keyword arguments}, "rounds": [[prompt token ids, ...], ...], "max_tokens": N}.
 Each round is one `generate` call (its prompts run concurrently, continuously batched); rounds run one after
-another on the same engine, so a later round can hit the prefix cache of an earlier one.
+another on the same engine, so a later round can hit the prefix cache of an earlier one. OUT: {"rounds":
+[[{"tokens", "logprobs", "cached"}, ...], ...], "keys_rotated": [per SelfExtend layer, keys it rotated]}.
 """
 
 import json
@@ -14,6 +15,12 @@ import sys
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine and worker in this process: 5 s to start
+
+
+def keys_rotated(model) -> list[int]:
+    """How many keys each SelfExtend layer rotated to grouped positions (sliding and plain layers have no count)."""
+    return [module.impl.keys_rotated for module in model.modules()
+            if hasattr(getattr(module, "impl", None), "keys_rotated")]
 
 
 def main(request_path: str, out_path: str) -> None:
@@ -29,7 +36,7 @@ def main(request_path: str, out_path: str) -> None:
                         "logprobs": [step[token].logprob for step, token in zip(o.outputs[0].logprobs,
                                                                                 o.outputs[0].token_ids)],
                         "cached": o.num_cached_tokens or 0} for o in outputs])
-    json.dump(rounds, open(out_path, "w"))
+    json.dump({"rounds": rounds, "keys_rotated": llm.apply_model(keys_rotated)[0]}, open(out_path, "w"))
 
 
 if __name__ == "__main__":

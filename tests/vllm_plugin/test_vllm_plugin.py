@@ -47,6 +47,12 @@ def _prompts(lengths: list[int], seed: int = 0, vocab: int = 290) -> list[list[i
 
 def _vllm(tmp_path: Path, engine: dict, rounds: list[list[list[int]]], max_tokens: int = 8,
           env: dict | None = None) -> list[list[dict]]:
+    return _vllm_run(tmp_path, engine, rounds, max_tokens, env)["rounds"]
+
+
+def _vllm_run(tmp_path: Path, engine: dict, rounds: list[list[list[int]]], max_tokens: int = 8,
+              env: dict | None = None) -> dict:
+    """The helper's whole answer: each round's outputs, and the keys each SelfExtend layer rotated."""
     request, out = tmp_path / "request.json", tmp_path / "out.json"
     request.write_text(json.dumps({"engine": engine, "rounds": rounds, "max_tokens": max_tokens}))
     done = subprocess.run([sys.executable, str(HELPER), str(request), str(out)], capture_output=True, text=True,
@@ -83,17 +89,26 @@ def _assert_same(got: dict, expected: tuple[list[int], list[float]]) -> None:
                                rtol=0)
 
 
+def _tokens_computed(prompts: list[list[int]], outputs: list[dict], max_tokens: int) -> int:
+    """Tokens whose keys vLLM wrote: each prompt's uncached part and every generated token but the last."""
+    return sum(len(p) - got["cached"] + max_tokens - 1 for p, got in zip(prompts, outputs))
+
+
 def test_selfextend_past_the_training_length_batched_chunked_and_from_the_prefix_cache(tmp_path):
     """L = 64, read up to 200 tokens (G = 4, W = 16): four requests at once, prefill chunks of 48 tokens,
-    then a request sharing the longest prompt's first 160 tokens, served from vLLM's prefix cache."""
+    then a request sharing the longest prompt's first 160 tokens, served from vLLM's prefix cache. Each layer
+    keeps its grouped keys: it rotates every new key once and no other (the cached prefix's came with it)."""
     folder = _llama(tmp_path)
     first = _prompts([150, 40, 10, 190])
     second = [first[3][:160] + _prompts([20], seed=1)[0]]
     engine = {"model": folder, "max_model_len": 200, "hf_overrides": {"max_position_embeddings": 200},
               "additional_config": {"selfextend": {"group_size": 4, "window_size": 16}},
               "max_num_batched_tokens": 48, "block_size": 32, "enable_prefix_caching": True}
-    rounds = _vllm(tmp_path, engine, [first, second])
+    run = _vllm_run(tmp_path, engine, [first, second])
+    rounds = run["rounds"]
     assert rounds[1][0]["cached"] >= 128  # whole blocks of the shared prefix came from the cache
+    computed = _tokens_computed(first + second, rounds[0] + rounds[1], 8)
+    assert run["keys_rotated"] == [computed] * SHAPE["num_hidden_layers"]
     for prompt, got in zip(first + second, rounds[0] + rounds[1]):
         _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
 
@@ -134,12 +149,15 @@ def test_gemma3_sliding_layers_and_qwen3_planned(tmp_path):
                                      window_size=planned.window_size))
 
 
-def test_the_testbed_at_four_times_its_training_length(tmp_path):
+def test_the_testbed_at_four_times_its_training_length_rotating_the_keys_it_reads(tmp_path):
+    """keep_grouped_keys false: each step rotates the grouped keys it reads, with the same tokens."""
     prompts = _prompts([500, 300], seed=5, vocab=transformers.AutoConfig.from_pretrained(TESTBED).vocab_size)
     engine = {"model": str(TESTBED), "max_model_len": 512, "hf_overrides": {"max_position_embeddings": 512},
-              "additional_config": {"selfextend": {"group_size": 6, "window_size": 32}}}
-    for prompt, got in zip(prompts, _vllm(tmp_path, engine, [prompts])[0]):
+              "additional_config": {"selfextend": {"group_size": 6, "window_size": 32, "keep_grouped_keys": False}}}
+    run = _vllm_run(tmp_path, engine, [prompts])
+    for prompt, got in zip(prompts, run["rounds"][0]):
         _assert_same(got, _reference(str(TESTBED), prompt, 8, group_size=6, window_size=32))
+    assert min(run["keys_rotated"]) > 2 * _tokens_computed(prompts, run["rounds"][0], 8)  # every step, again
 
 
 def test_tensor_parallel_two_processes(tmp_path):
@@ -179,12 +197,24 @@ def _fake_config(folder: str, max_model_len: int, selfextend_request: dict | Non
     ({"group_size": 4, "window_size": 16}, 64, 1, "add --hf-overrides '{\"max_position_embeddings\": 200}'"),
     ({"group_size": 4, "window_size": 16}, None, 2, "decode_context_parallel_size > 1"),
     ({"group_size": 4, "windows": 16}, None, 1, "unknown selfextend settings windows"),
+    ({"group_size": 4, "window_size": 16, "keep_grouped_keys": "yes"}, None, 1, "must be true or false"),
 ])
 def test_settings_refusals(tmp_path, request_, table, dcp, message):
     folder = _llama(tmp_path)
     with pytest.raises(SelfExtendVLLMError, match=message.replace("(", r"\(").replace("{", r"\{")):
         engine_settings(_fake_config(folder, 200, request_, table, dcp))
     assert engine_settings(_fake_config(folder, 64, None)) is None  # not asked for: plain vLLM
+
+
+def test_kept_keys_with_a_kv_connector_are_refused(tmp_path):
+    """A KV connector fills blocks that never pass through attention: their grouped keys could not be kept."""
+    folder = _llama(tmp_path)
+    config = _fake_config(folder, 200, {"group_size": 4, "window_size": 16})
+    config.kv_transfer_config = SimpleNamespace(kv_connector="OffloadingConnector")
+    with pytest.raises(SelfExtendVLLMError, match='add "keep_grouped_keys": false'):
+        engine_settings(config)
+    config.additional_config["selfextend"]["keep_grouped_keys"] = False
+    assert engine_settings(config).keep_grouped_keys is False
 
 
 def test_an_untested_vllm_is_refused_when_selfextend_is_asked_for(tmp_path, monkeypatch):
@@ -230,7 +260,7 @@ def test_vllm_serve_with_the_plugin_answers_the_openai_client(tmp_path):
 
 def test_decoding_rows_gathered_together_left_padded():
     """The batched gather gives each request's keys and values, in order, at the end of its row."""
-    from selfextend.vllm.cpu_backend import gather_kv, gather_kv_batch
+    from selfextend.vllm.cpu_backend import gather_grouped, gather_grouped_batch, gather_kv, gather_kv_batch
 
     blocks, heads, block_size, dim = 12, 2, 4, 8
     cache = torch.randn(blocks, heads, block_size, 2 * dim)
@@ -243,3 +273,18 @@ def test_decoding_rows_gathered_together_left_padded():
         want_keys, want_values = gather_kv(cache, table[r], length)
         torch.testing.assert_close(keys[r:r + 1, :, total - length:], want_keys, rtol=0, atol=0)
         torch.testing.assert_close(values[r:r + 1, :, total - length:], want_values, rtol=0, atol=0)
+
+    grouped = torch.randn(blocks, heads, block_size, dim)  # kept grouped keys: plain [block, slot, d] per head
+    rows = gather_grouped_batch(grouped, table, lengths)
+    for r, length in enumerate(lengths.tolist()):
+        want = torch.cat([grouped[b] for b in table[r].tolist()], dim=1)[None, :, :length]
+        torch.testing.assert_close(gather_grouped(grouped, table[r], length), want, rtol=0, atol=0)
+        torch.testing.assert_close(rows[r:r + 1, :, total - length:], want, rtol=0, atol=0)
+
+
+def test_each_new_token_at_its_absolute_position():
+    """Three requests: a 4-token prefill chunk ending at 10, one decoding token at 6, a first chunk of 2."""
+    from selfextend.vllm.cpu_backend import token_positions
+
+    starts, lengths = torch.tensor([0, 4, 5, 7], dtype=torch.int32), torch.tensor([10, 7, 2], dtype=torch.int32)
+    assert token_positions(starts, lengths).tolist() == [6, 7, 8, 9, 6, 0, 1]

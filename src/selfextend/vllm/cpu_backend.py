@@ -5,23 +5,27 @@ SelfExtend when the engine's settings ask for it and the layer is a full-attenti
 request goes to the project's blockwise kernel when its keys reach past the neighbor window W, otherwise
 to vLLM's own kernel, unchanged. vLLM hands `forward` the queries already rotated at their positions,
 after writing this step's keys and values into the paged cache, so each request's keys are gathered from
-its blocks (the cache holds them rotated at their own positions; the grouped ones are rotated from
-there, as in transformers). The step's decoding requests go through the kernel together, left-padded to
-the longest (one gather and one kernel call per layer); prefill chunks go one request at a time.
+its blocks (the cache holds them rotated at their own positions). Their grouped form depends only on the
+key and its position, so each layer keeps it beside vLLM's cache, in the same blocks and slots: a step
+rotates only its new keys (as in transformers; `keep_grouped_keys: false` rotates the gathered keys
+instead). The step's decoding requests go through the kernel together, left-padded to the longest (one
+gather and one kernel call per layer); prefill chunks go one request at a time.
 """
 
 from __future__ import annotations
 
 import torch
 from vllm.config import get_current_vllm_config
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadataBuilder)
 
-from ..attention import KVLayout, resolve_backend, resolve_geometry
+from ..attention import KVLayout, grouped_key_count, resolve_backend, resolve_geometry
 from ..rotary import GroupedRotation
 from .settings import SelfExtendVLLMError, engine_settings
 
+logger = init_logger(__name__)
 READABLE_LAYOUTS = ("vec", "vec16")  # KV-cache layouts whose keys this module reads (K transposed per block)
 
 
@@ -48,17 +52,67 @@ def gather_kv_batch(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: 
     the block size): row r's `lengths[r]` keys fill its last positions, what comes before is not attended."""
     n_blocks, heads, block_size, twice = kv_cache.shape
     dim, rows = twice // 2, len(lengths)
-    count = -(-int(lengths.max()) // block_size)
-    blocks = block_table[:, :count].long().clamp(0, n_blocks - 1)  # past a row's last block: any block, hidden
-    kv = kv_cache.view(n_blocks, heads, 2 * block_size, dim)[blocks]  # [rows, count, heads, 2·block, d]
-    total = count * block_size
+    blocks, count = _row_blocks(block_table, lengths, block_size, n_blocks)
+    kv = kv_cache.view(n_blocks, heads, 2 * block_size, dim).index_select(0, blocks.flatten())
+    kv = kv.view(rows, count, heads, 2 * block_size, dim)
     key = kv[:, :, :, :block_size].reshape(rows, count, heads, dim, block_size).permute(0, 2, 1, 4, 3)
-    key, value = key.reshape(rows, heads, total, dim), kv[:, :, :, block_size:].transpose(1, 2).reshape(
-        rows, heads, total, dim)
-    # index t of row r reads key t - (total - length): the keys move to the end of the row
-    order = (torch.arange(total, device=kv_cache.device)[None] - (total - lengths)[:, None]) % total
-    index = order[:, None, :, None].expand(rows, heads, total, dim)
-    return key.gather(2, index), value.gather(2, index)
+    return _left_padded(key, lengths), _left_padded(kv[:, :, :, block_size:].transpose(1, 2), lengths)
+
+
+def gather_grouped_batch(grouped: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Kept grouped keys [rows, kv_heads, T, head_dim], laid out as `gather_kv_batch` lays out the keys."""
+    n_blocks, heads, block_size, dim = grouped.shape
+    blocks, count = _row_blocks(block_table, lengths, block_size, n_blocks)
+    rows = grouped.index_select(0, blocks.flatten()).view(len(lengths), count, heads, block_size, dim)
+    return _left_padded(rows.transpose(1, 2), lengths)
+
+
+def _row_blocks(block_table: torch.Tensor, lengths: torch.Tensor, block_size: int, n_blocks: int
+                ) -> tuple[torch.Tensor, int]:
+    """Each row's first blocks, as many as the longest row needs (past a row's last block: any block, hidden)."""
+    count = -(-int(lengths.max()) // block_size)
+    return block_table[:, :count].long().clamp(0, n_blocks - 1), count
+
+
+def _left_padded(blocks: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[rows, heads, count, block, d] (any strides) as [rows, heads, count·block, d], row r's keys at its end and
+    zeros before them (never attended; zeros, so that a masked key's zero weight cannot meet a NaN)."""
+    rows, heads, count, block_size, dim = blocks.shape
+    total = count * block_size
+    flat = blocks.contiguous().view(rows, heads, total, dim)
+    if bool((lengths == total).all()):  # no row is padded
+        return flat
+    out = blocks.new_zeros(rows, heads, total, dim)
+    for r, length in enumerate(lengths.tolist()):
+        out[r, :, total - length:] = flat[r, :, :length]
+    return out
+
+
+def gather_grouped(grouped: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """Kept grouped keys [1, kv_heads, length, head_dim] of one request, from its cache blocks (in order)."""
+    n_blocks, heads, block_size, dim = grouped.shape
+    used = blocks[:(length + block_size - 1) // block_size].long()
+    return grouped.index_select(0, used).transpose(0, 1).reshape(heads, -1, dim)[None, :, :length]
+
+
+def token_positions(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The absolute position of each of a step's tokens: request r's q tokens are the last q of its seq_len."""
+    counts = starts[1:] - starts[:-1]
+    first = torch.repeat_interleave(lengths - counts - starts[:-1], counts)  # position of token t is first + t
+    return first + torch.arange(int(starts[-1]), device=starts.device)
+
+
+def _step_slots(attn_metadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's written slots, their tokens' positions, and which tokens were written (padding is not); the
+    same for every layer of a step, so computed once and kept on the step's metadata."""
+    found = getattr(attn_metadata, "_selfextend_slots", None)
+    if found is None:
+        slots = attn_metadata.slot_mapping[:attn_metadata.num_actual_tokens].long()
+        positions = token_positions(attn_metadata.query_start_loc, attn_metadata.seq_lens)
+        written = slots >= 0
+        found = slots[written], positions[written], written
+        attn_metadata._selfextend_slots = found
+    return found
 
 
 class SelfExtendCPUImpl(CPUAttentionBackendImpl):
@@ -83,6 +137,14 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         far = engine.settings.far_pass
         self.rotation = GroupedRotation(far.group_size, far.window_size, engine.rope, far.offset)
         self.kernel = resolve_backend(engine.settings.backend, torch.device("cpu"))
+        self.keep = engine.keep_grouped_keys
+        if self.keep and kv_sharing_target_layer_name is not None:  # it never writes keys, so it cannot keep them
+            self.keep = False
+            logger.info("SelfExtend: a layer reading %s's KV cache rotates the grouped keys it reads at each step "
+                        "(kept grouped keys need the layer that writes the keys)", kv_sharing_target_layer_name)
+        self.grouped: torch.Tensor | None = None  # [blocks, kv_heads, block_size, head_dim], slots as the KV cache's
+        self._grouped_for: tuple | None = None  # the KV cache tensor the kept keys belong to
+        self.keys_rotated = 0  # keys rotated to grouped positions so far (the tests check: each new key once)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata, output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -92,6 +154,7 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         if layer.isa not in READABLE_LAYOUTS:
             raise SelfExtendVLLMError(f"SelfExtend reads the {'/'.join(READABLE_LAYOUTS)} KV-cache layouts of vLLM's "
                                       f"CPU backend; this machine's is {layer.isa!r}")
+        grouped = self._keep(key, kv_cache, attn_metadata) if self.keep else None
         starts = attn_metadata.query_start_loc.tolist()
         lengths = attn_metadata.seq_lens.tolist()
         window = self.rotation.window_size
@@ -101,28 +164,56 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
                             output_block_scale)
         decoding = [r for r in extended if starts[r + 1] - starts[r] == 1]
         if decoding:
-            self._decode(query, kv_cache, attn_metadata, decoding, starts, output)
+            self._decode(query, kv_cache, grouped, attn_metadata, decoding, starts, output)
         for r in sorted(set(extended) - set(decoding)):  # prefill chunks, one request at a time
             a, b, length = starts[r], starts[r + 1], lengths[r]
-            keys, values = gather_kv(kv_cache, attn_metadata.block_table[r], length)
+            blocks = attn_metadata.block_table[r]
+            keys, values = gather_kv(kv_cache, blocks, length)
             geometry = resolve_geometry(KVLayout(q_offset=length - (b - a), kv_offset=0), None, 1, b - a, length,
                                         query.device)
-            out = self.kernel.selfextend(query[a:b].transpose(0, 1)[None], keys, values, geometry, self.rotation,
-                                         self.scale)
+            out = self._attend(query[a:b].transpose(0, 1)[None], keys, values, geometry,
+                               None if grouped is None else gather_grouped(grouped, blocks, length))
             output[a:b] = out[0]
         return output
 
-    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata, rows: list[int],
-                starts: list[int], output: torch.Tensor) -> None:
+    def _keep(self, key: torch.Tensor, kv_cache: torch.Tensor, attn_metadata) -> torch.Tensor:
+        """This layer's kept grouped keys, with this step's new keys written into their slots.
+
+        A slot's grouped key is rewritten whenever vLLM writes its key (every step's new tokens pass here), so
+        a block reused for another request, or served from the prefix cache, holds the right grouped keys.
+        """
+        n_blocks, heads, block_size, twice = kv_cache.shape
+        if self._grouped_for != (kv_cache.data_ptr(), kv_cache.shape):  # first step, or vLLM's cache was replaced
+            self.grouped = kv_cache.new_empty(n_blocks, heads, block_size, twice // 2)
+            self._grouped_for = (kv_cache.data_ptr(), kv_cache.shape)
+        count = attn_metadata.num_actual_tokens
+        slots, positions, written = _step_slots(attn_metadata)
+        new = self.rotation(key[:count][written][:, :, None], positions[:, None], "key")[:, :, 0]
+        self.grouped[slots // block_size, :, slots % block_size] = new
+        self.keys_rotated += len(slots)
+        return self.grouped
+
+    def _attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, geometry,
+                kept: torch.Tensor | None) -> torch.Tensor:
+        """The project's kernel, with the kept grouped keys, or rotating the gathered keys (counted) without."""
+        if kept is None:
+            self.keys_rotated += keys.shape[0] * grouped_key_count(geometry, query.shape[2], keys.shape[2],
+                                                                   self.rotation.window_size)
+        return self.kernel.selfextend(query, keys, values, geometry, self.rotation, self.scale, kept)
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, grouped: torch.Tensor | None, attn_metadata,
+                rows: list[int], starts: list[int], output: torch.Tensor) -> None:
         """One new token for each of `rows`, all through one kernel call over their left-padded keys."""
         index = torch.tensor(rows, device=query.device)
         lengths = attn_metadata.seq_lens[index].long()
-        keys, values = gather_kv_batch(kv_cache, attn_metadata.block_table[index], lengths)
+        table = attn_metadata.block_table[index]
+        keys, values = gather_kv_batch(kv_cache, table, lengths)
         total = keys.shape[2]
         geometry = resolve_geometry(KVLayout(q_offset=total - 1, kv_offset=0), None, len(rows), 1, total,
                                     query.device, starts=(total - lengths)[:, None])
         tokens = torch.tensor([starts[r] for r in rows], device=query.device)
-        out = self.kernel.selfextend(query[tokens][:, :, None], keys, values, geometry, self.rotation, self.scale)
+        kept = None if grouped is None else gather_grouped_batch(grouped, table, lengths)
+        out = self._attend(query[tokens][:, :, None], keys, values, geometry, kept)
         output[tokens] = out[:, 0]
 
 

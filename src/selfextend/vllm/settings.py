@@ -1,8 +1,8 @@
 """What SelfExtend runs with inside one vLLM engine, decided once at start-up from vLLM's config.
 
 Asked for by `additional_config["selfextend"]` (the keys of `selfextend.apply`: method, group_size,
-window_size, shifted_offset, local_window, effective_length), else by the `selfextend` entry a saved model
-keeps in config.json. Settings not given are planned by the project's planner for `max_model_len`. The
+window_size, shifted_offset, local_window, effective_length, keep_grouped_keys), else by the `selfextend`
+entry a saved model keeps in config.json. Settings not given are planned by the project's planner for `max_model_len`. The
 settings are engine-wide: vLLM's prefix-cache block hashes are token-only, so every request must see the
 same map. Anything that cannot run exactly is refused here, with what to do instead.
 """
@@ -20,6 +20,7 @@ from ..rotary import RopeSource, rope_from_config
 from . import TESTED_VLLM
 
 REQUEST_KEYS = ("method", "group_size", "window_size", "shifted_offset", "local_window", "effective_length")
+KEEP_KEY = "keep_grouped_keys"  # as in selfextend.apply: grouped keys kept beside vLLM's KV cache (default on)
 
 
 class SelfExtendVLLMError(ValueError):
@@ -37,10 +38,12 @@ def requested(vllm_config) -> tuple[str, dict] | None:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """What every SelfExtend layer of the engine runs with: the settings and the model's own RoPE frequencies."""
+    """What every SelfExtend layer of the engine runs with: the settings, the model's own RoPE frequencies, and
+    whether each layer keeps its keys' grouped form beside vLLM's KV cache (so a step rotates only new keys)."""
 
     settings: SelfExtendConfig
     rope: RopeSource
+    keep_grouped_keys: bool = True
 
 
 def engine_settings(vllm_config) -> EngineSettings | None:
@@ -59,6 +62,13 @@ def engine_settings(vllm_config) -> EngineSettings | None:
         if getattr(parallel, name, 1) > 1:
             raise SelfExtendVLLMError(f"SelfExtend does not run with {name} > 1: each rank would see part of "
                                       "the keys")
+    keep = request.pop(KEEP_KEY, True)
+    if not isinstance(keep, bool):
+        raise SelfExtendVLLMError(f"SelfExtend ({where}): {KEEP_KEY} must be true or false, got {keep!r}")
+    if keep and getattr(vllm_config, "kv_transfer_config", None) is not None:
+        raise SelfExtendVLLMError(f"SelfExtend keeps grouped keys beside vLLM's KV cache, and a KV connector fills "
+                                  f"cache blocks that never pass through attention: add \"{KEEP_KEY}\": false to "
+                                  "the selfextend settings (each step then rotates the keys it reads)")
     original = original_config(vllm_config)  # before --hf-overrides raised max_position_embeddings
     train = training_length(original)
     max_len = model_config.max_model_len
@@ -68,7 +78,8 @@ def engine_settings(vllm_config) -> EngineSettings | None:
         else:
             unknown = sorted(set(request) - set(REQUEST_KEYS))
             if unknown:
-                raise ValueError(f"unknown selfextend settings {', '.join(unknown)}: give {', '.join(REQUEST_KEYS)}")
+                raise ValueError(f"unknown selfextend settings {', '.join(unknown)}: give "
+                                 f"{', '.join(REQUEST_KEYS + (KEEP_KEY,))}")
             request.setdefault("method", "selfextend")
             settings = resolve(train, max_len, **request).settings
         frequencies = rope_from_config(original.get_text_config())
@@ -83,7 +94,7 @@ def engine_settings(vllm_config) -> EngineSettings | None:
         raise SelfExtendVLLMError(f"max_model_len {max_len} is past the model's RoPE table ({table} positions): "
                                   f"add --hf-overrides '{{\"max_position_embeddings\": {max_len}}}' (it sizes the "
                                   "table; the frequencies stay the model's)")
-    return EngineSettings(settings, frequencies)
+    return EngineSettings(settings, frequencies, keep)
 
 
 def original_config(vllm_config) -> transformers.PretrainedConfig:
