@@ -81,6 +81,21 @@ def test_blockwise_matches_oracle(n_queries, n_keys, pads, block, G, W):
     assert torch.all(got[~rows] == 0)
 
 
+@pytest.mark.parametrize("n_queries, n_keys", [(1, 70), (13, 70)])
+@pytest.mark.parametrize("pads", [[0], [0, 11, 3]])
+def test_with_kept_grouped_keys_the_far_keys_are_not_read(n_queries, n_keys, pads):
+    """Given the grouped keys, keys at distance >= W from every query are read only through them: NaN there
+    changes nothing (the vLLM plugin gathers only a decoding row's recent keys)."""
+    _, _, v, q, k, geometry = _problem(n_queries, n_keys, pads)
+    rotation = _rotation(4, 8)
+    kept = rotation(k, geometry.key_positions, "key")
+    expected = blockwise.selfextend_attention(q, k, v, geometry, rotation, 0.3, kept, block=7)
+    far = k.clone()
+    far[:, :, :geometry.shift - 8 + 1] = float("nan")  # farther than W = 8 from the first query
+    got = blockwise.selfextend_attention(q, far, v, geometry, rotation, 0.3, kept, block=7)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("n_queries, n_keys, kv_offset", [(50, 50, 0), (1, 11, 40), (9, 20, 30)])
 @pytest.mark.parametrize("pads", [[0], [0, 5]])
 def test_local_attention_matches_oracle(n_queries, n_keys, kv_offset, pads):

@@ -260,7 +260,8 @@ def test_vllm_serve_with_the_plugin_answers_the_openai_client(tmp_path):
 
 def test_decoding_rows_gathered_together_left_padded():
     """The batched gather gives each request's keys and values, in order, at the end of its row."""
-    from selfextend.vllm.cpu_backend import gather_grouped, gather_grouped_batch, gather_kv, gather_kv_batch
+    from selfextend.vllm.cpu_backend import (gather_grouped, gather_grouped_batch, gather_kv, gather_kv_batch,
+                                             gather_recent_keys)
 
     blocks, heads, block_size, dim = 12, 2, 4, 8
     cache = torch.randn(blocks, heads, block_size, 2 * dim)
@@ -273,6 +274,13 @@ def test_decoding_rows_gathered_together_left_padded():
         want_keys, want_values = gather_kv(cache, table[r], length)
         torch.testing.assert_close(keys[r:r + 1, :, total - length:], want_keys, rtol=0, atol=0)
         torch.testing.assert_close(values[r:r + 1, :, total - length:], want_values, rtol=0, atol=0)
+
+    for window in (1, 5, 8):  # only each row's last `window` keys, the rest zeros
+        recent = gather_recent_keys(cache, table, lengths, window)
+        assert recent.shape == keys.shape
+        for r, length in enumerate(lengths.tolist()):
+            torch.testing.assert_close(recent[r, :, total - window:], keys[r, :, total - window:], rtol=0, atol=0)
+            assert not recent[r, :, :total - window].any()
 
     grouped = torch.randn(blocks, heads, block_size, dim)  # kept grouped keys: plain [block, slot, d] per head
     rows = gather_grouped_batch(grouped, table, lengths)

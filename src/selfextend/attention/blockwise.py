@@ -123,7 +123,8 @@ def selfextend_attention(
 ) -> torch.Tensor:
     """SelfExtend bi-level attention of already-rotated query [b, hq, n, d] over key/value [b, hkv, m, d].
 
-    key_grouped: the grouped keys if kept from earlier steps (at least the first grouped_key_count ones).
+    key_grouped: the grouped keys if kept from earlier steps (at least the first grouped_key_count ones). Given
+    them, `key` is read only where some query is within W of it: keys farther back may hold anything.
     Returns [b, n, hq, d], the layout `transformers` expects from an attention function.
     """
     b, h, n, d = query.shape

@@ -46,17 +46,50 @@ def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tupl
             value.reshape(heads, -1, dim)[None, :, :length].contiguous())
 
 
+def _halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the cache's keys [blocks, kv_heads, head_dim, block_size] (stored transposed) and values
+    [blocks, kv_heads, block_size, head_dim]."""
+    n_blocks, heads, block_size, twice = kv_cache.shape
+    halves = kv_cache.view(n_blocks, heads, 2, block_size * twice // 2)
+    return (halves[:, :, 0].view(n_blocks, heads, twice // 2, block_size),
+            halves[:, :, 1].view(n_blocks, heads, block_size, twice // 2))
+
+
 def gather_kv_batch(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [rows, kv_heads, T, head_dim] of several requests, each left-padded to T (a multiple of
     the block size): row r's `lengths[r]` keys fill its last positions, what comes before is not attended."""
+    blocks, count = _row_blocks(block_table, lengths, kv_cache.shape[2], kv_cache.shape[0])
+    keys = _halves(kv_cache)[0].index_select(0, blocks.flatten())
+    keys = keys.view(len(lengths), count, *keys.shape[1:]).permute(0, 2, 1, 4, 3)
+    return _left_padded(keys, lengths), gather_values_batch(kv_cache, block_table, lengths)
+
+
+def gather_values_batch(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The values of `gather_kv_batch` alone."""
+    blocks, count = _row_blocks(block_table, lengths, kv_cache.shape[2], kv_cache.shape[0])
+    values = _halves(kv_cache)[1].index_select(0, blocks.flatten())
+    return _left_padded(values.view(len(lengths), count, *values.shape[1:]).transpose(1, 2), lengths)
+
+
+def gather_recent_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, window: int
+                       ) -> torch.Tensor:
+    """Keys laid out as `gather_kv_batch` lays them out, but only each row's last `window` filled (zeros before):
+    a decoding token reads no other key once the grouped keys are kept, so the rest is not copied."""
     n_blocks, heads, block_size, twice = kv_cache.shape
     dim, rows = twice // 2, len(lengths)
-    blocks, count = _row_blocks(block_table, lengths, block_size, n_blocks)
-    kv = kv_cache.view(n_blocks, heads, 2 * block_size, dim).index_select(0, blocks.flatten())
-    kv = kv.view(rows, count, heads, 2 * block_size, dim)
-    key = kv[:, :, :, :block_size].reshape(rows, count, heads, dim, block_size).permute(0, 2, 1, 4, 3)
-    return _left_padded(key, lengths), _left_padded(kv[:, :, :, block_size:].transpose(1, 2), lengths)
+    total = -(-int(lengths.max()) // block_size) * block_size
+    first = (lengths - window).clamp_min(0) // block_size  # each row's first block holding a recent key
+    span = -(-window // block_size) + 1  # blocks the last `window` keys can touch
+    index = (first[:, None] + torch.arange(span, device=lengths.device)).clamp_max(block_table.shape[1] - 1)
+    blocks = block_table.gather(1, index.to(block_table.dtype)).long().clamp(0, n_blocks - 1)
+    key = _halves(kv_cache)[0].index_select(0, blocks.flatten()).view(rows, span, heads, dim, block_size)
+    key = key.permute(0, 2, 1, 4, 3).reshape(rows, heads, span * block_size, dim)
+    out = kv_cache.new_zeros(rows, heads, total, dim)
+    for r, (length, start) in enumerate(zip(lengths.tolist(), (first * block_size).tolist())):
+        count = min(window, length)
+        out[r, :, total - count:] = key[r, :, length - start - count:length - start]
+    return out
 
 
 def gather_grouped_batch(grouped: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -207,7 +240,11 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         index = torch.tensor(rows, device=query.device)
         lengths = attn_metadata.seq_lens[index].long()
         table = attn_metadata.block_table[index]
-        keys, values = gather_kv_batch(kv_cache, table, lengths)
+        if grouped is None:
+            keys, values = gather_kv_batch(kv_cache, table, lengths)
+        else:  # the grouped keys are kept: of the keys themselves only the last W are read
+            values = gather_values_batch(kv_cache, table, lengths)
+            keys = gather_recent_keys(kv_cache, table, lengths, self.rotation.window_size)
         total = keys.shape[2]
         geometry = resolve_geometry(KVLayout(q_offset=total - 1, kv_offset=0), None, len(rows), 1, total,
                                     query.device, starts=(total - lengths)[:, None])
