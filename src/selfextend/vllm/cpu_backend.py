@@ -74,21 +74,23 @@ def gather_values_batch(kv_cache: torch.Tensor, block_table: torch.Tensor, lengt
 
 def gather_recent_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, window: int
                        ) -> torch.Tensor:
-    """Keys laid out as `gather_kv_batch` lays them out, but only each row's last `window` filled (zeros before):
-    a decoding token reads no other key once the grouped keys are kept, so the rest is not copied."""
+    """Keys laid out as `gather_kv_batch` lays them out, but only each row's last `window` set: a decoding token
+    reads no other key once the grouped keys are kept (the kernel's contract, tested with NaN there), so the
+    rest is neither copied nor cleared. Every row must hold at least `window` keys."""
     n_blocks, heads, block_size, twice = kv_cache.shape
     dim, rows = twice // 2, len(lengths)
     total = -(-int(lengths.max()) // block_size) * block_size
-    first = (lengths - window).clamp_min(0) // block_size  # each row's first block holding a recent key
+    if int(lengths.min()) < window:
+        raise ValueError(f"a row holds fewer than the {window} recent keys asked for")
+    first = (lengths - window) // block_size  # each row's first block holding a recent key
     span = -(-window // block_size) + 1  # blocks the last `window` keys can touch
     index = (first[:, None] + torch.arange(span, device=lengths.device)).clamp_max(block_table.shape[1] - 1)
     blocks = block_table.gather(1, index.to(block_table.dtype)).long().clamp(0, n_blocks - 1)
     key = _halves(kv_cache)[0].index_select(0, blocks.flatten()).view(rows, span, heads, dim, block_size)
     key = key.permute(0, 2, 1, 4, 3).reshape(rows, heads, span * block_size, dim)
-    out = kv_cache.new_zeros(rows, heads, total, dim)
+    out = kv_cache.new_empty(rows, heads, total, dim)
     for r, (length, start) in enumerate(zip(lengths.tolist(), (first * block_size).tolist())):
-        count = min(window, length)
-        out[r, :, total - count:] = key[r, :, length - start - count:length - start]
+        out[r, :, total - window:] = key[r, :, length - start - window:length - start]
     return out
 
 
