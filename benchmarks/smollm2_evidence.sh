@@ -20,6 +20,13 @@ time selfextend eval passkey $m --lengths 16k --depths 0.25,0.5,0.75 --samples 2
 time selfextend eval niah $m --lengths 16k --depths 0.25,0.5,0.75 --out "$out/niah" \
   --methods selfextend,selfextend:G=3,W=2048
 time selfextend eval passkey $m --lengths 16k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods vanilla
+# the W = E/2 rule with the largest position at E (G=15, W=1024 at 16K), tried for the planner and not
+# taken: it missed both keys at depth 0.25, so the run was stopped after 2 samples
+#   selfextend eval passkey $m --lengths 16k --depths 0.25,0.5,0.75 --samples 2 --out "$out/passkey" \
+#     --methods selfextend:G=15,W=1024
+# retrieval at 32K (4x L), the plan against the profile (G=38, W=512): 1 key x 3 depths each
+time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods selfextend
+time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/niah" --methods selfextend
 # 32K (not run yet: about 4x a 16K cell each): planned, the floor, the best hand-picked, vanilla
 time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" \
   --methods selfextend,truncated,selfextend:G=8,W=2048,vanilla
