@@ -2,9 +2,9 @@
 
 Asked for by `additional_config["selfextend"]` (the keys of `selfextend.apply`: method, group_size,
 window_size, shifted_offset, local_window, effective_length, keep_grouped_keys), else by the `selfextend`
-entry a saved model keeps in config.json. Settings not given are planned by the project's planner for `max_model_len`. The
-settings are engine-wide: vLLM's prefix-cache block hashes are token-only, so every request must see the
-same map. Anything that cannot run exactly is refused here, with what to do instead.
+entry a saved model keeps in config.json. Settings not given are planned by the project's planner for
+`max_model_len`. The settings are engine-wide: vLLM's prefix-cache block hashes are token-only, so every
+request must see the same map. Anything that cannot run exactly is refused here, with what to do instead.
 """
 
 from __future__ import annotations
