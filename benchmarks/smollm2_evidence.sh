@@ -24,8 +24,9 @@ time selfextend eval passkey $m --lengths 16k --depths 0.25,0.5,0.75 --out "$out
 # taken: it missed both keys at depth 0.25, so the run was stopped after 2 samples
 #   selfextend eval passkey $m --lengths 16k --depths 0.25,0.5,0.75 --samples 2 --out "$out/passkey" \
 #     --methods selfextend:G=15,W=1024
-# retrieval at 32K (4x L), the plan against the profile (G=38, W=512): 1 key x 3 depths each
-time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods selfextend
+# retrieval at 32K (4x L), the plan against the profile (G=38, W=512): passkey 2 keys x 3 depths, niah 1 x 3
+time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --samples 2 --out "$out/passkey" \
+  --methods selfextend
 time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/niah" --methods selfextend
 # 32K (not run yet: about 4x a 16K cell each): planned, the floor, the best hand-picked, vanilla
 time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" \
