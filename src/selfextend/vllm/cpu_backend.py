@@ -30,46 +30,53 @@ READABLE_LAYOUTS = ("vec", "vec16")  # KV-cache layouts whose keys this module r
 
 
 def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values [1, kv_heads, length, head_dim] of one request, from its cache blocks (in order).
-
-    The cache is [blocks, kv_heads, block_size, 2·head_dim]: per block and head, K stored transposed
-    ([head_dim, block_size]), then V ([block_size, head_dim]).
-    """
-    n_blocks, heads, block_size, twice = kv_cache.shape
-    dim = twice // 2
-    used = blocks[:(length + block_size - 1) // block_size].long()
-    kv = kv_cache.view(n_blocks, heads, 2 * block_size, dim)[used]  # [n, heads, 2·block, d]
-    key = kv[:, :, :block_size].reshape(len(used), heads, dim, block_size).permute(1, 0, 3, 2)
-    value = kv[:, :, block_size:].permute(1, 0, 2, 3)
+    """Keys and values [1, kv_heads, length, head_dim] of one request, from its cache blocks (in order)."""
+    heads, dim = kv_cache.shape[1], kv_cache.shape[3] // 2
+    used = blocks[:-(-length // kv_cache.shape[2])].long()[None]
     # contiguous: the CPU flash kernel reads the head dimension as unit-stride
-    return (key.reshape(heads, -1, dim)[None, :, :length].contiguous(),
-            value.reshape(heads, -1, dim)[None, :, :length].contiguous())
+    return (_key_rows(kv_cache, used).reshape(1, heads, -1, dim)[:, :, :length].contiguous(),
+            _block_rows(_halves(kv_cache)[1], used).reshape(1, heads, -1, dim)[:, :, :length].contiguous())
+
+
+def gather_grouped(grouped: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """Kept grouped keys [1, kv_heads, length, head_dim] of one request, from its cache blocks (in order)."""
+    heads, block_size, dim = grouped.shape[1:]
+    used = blocks[:-(-length // block_size)].long()[None]
+    return _block_rows(grouped, used).reshape(1, heads, -1, dim)[:, :, :length]
 
 
 def _halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of the cache's keys [blocks, kv_heads, head_dim, block_size] (stored transposed) and values
-    [blocks, kv_heads, block_size, head_dim]."""
+    """Views of the cache [blocks, kv_heads, block_size, 2·head_dim]: per block and head, the keys stored
+    transposed [head_dim, block_size], then the values [block_size, head_dim]."""
     n_blocks, heads, block_size, twice = kv_cache.shape
     halves = kv_cache.view(n_blocks, heads, 2, block_size * twice // 2)
     return (halves[:, :, 0].view(n_blocks, heads, twice // 2, block_size),
             halves[:, :, 1].view(n_blocks, heads, block_size, twice // 2))
 
 
+def _block_rows(per_block: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The blocks [rows, n] of a per-block view [n_blocks, heads, a, b], as [rows, heads, n, a, b] (one copy)."""
+    picked = per_block.index_select(0, blocks.flatten())
+    return picked.view(*blocks.shape, *picked.shape[1:]).transpose(1, 2)
+
+
+def _key_rows(kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The keys of blocks [rows, n] as [rows, heads, n, block_size, head_dim] (a view of one copy)."""
+    return _block_rows(_halves(kv_cache)[0], blocks).transpose(-1, -2)
+
+
 def gather_kv_batch(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [rows, kv_heads, T, head_dim] of several requests, each left-padded to T (a multiple of
     the block size): row r's `lengths[r]` keys fill its last positions, what comes before is not attended."""
-    blocks, count = _row_blocks(block_table, lengths, kv_cache.shape[2], kv_cache.shape[0])
-    keys = _halves(kv_cache)[0].index_select(0, blocks.flatten())
-    keys = keys.view(len(lengths), count, *keys.shape[1:]).permute(0, 2, 1, 4, 3)
-    return _left_padded(keys, lengths), gather_values_batch(kv_cache, block_table, lengths)
+    blocks = _row_blocks(block_table, lengths, kv_cache.shape[2], kv_cache.shape[0])
+    return _left_padded(_key_rows(kv_cache, blocks), lengths), gather_values_batch(kv_cache, block_table, lengths)
 
 
 def gather_values_batch(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The values of `gather_kv_batch` alone."""
-    blocks, count = _row_blocks(block_table, lengths, kv_cache.shape[2], kv_cache.shape[0])
-    values = _halves(kv_cache)[1].index_select(0, blocks.flatten())
-    return _left_padded(values.view(len(lengths), count, *values.shape[1:]).transpose(1, 2), lengths)
+    blocks = _row_blocks(block_table, lengths, kv_cache.shape[2], kv_cache.shape[0])
+    return _left_padded(_block_rows(_halves(kv_cache)[1], blocks), lengths)
 
 
 def gather_recent_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, window: int
@@ -86,8 +93,7 @@ def gather_recent_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, length
     span = -(-window // block_size) + 1  # blocks the last `window` keys can touch
     index = (first[:, None] + torch.arange(span, device=lengths.device)).clamp_max(block_table.shape[1] - 1)
     blocks = block_table.gather(1, index.to(block_table.dtype)).long().clamp(0, n_blocks - 1)
-    key = _halves(kv_cache)[0].index_select(0, blocks.flatten()).view(rows, span, heads, dim, block_size)
-    key = key.permute(0, 2, 1, 4, 3).reshape(rows, heads, span * block_size, dim)
+    key = _key_rows(kv_cache, blocks).reshape(rows, heads, span * block_size, dim)
     out = kv_cache.new_empty(rows, heads, total, dim)
     for r, (length, start) in enumerate(zip(lengths.tolist(), (first * block_size).tolist())):
         out[r, :, total - window:] = key[r, :, length - start - window:length - start]
@@ -96,17 +102,13 @@ def gather_recent_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, length
 
 def gather_grouped_batch(grouped: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Kept grouped keys [rows, kv_heads, T, head_dim], laid out as `gather_kv_batch` lays out the keys."""
-    n_blocks, heads, block_size, dim = grouped.shape
-    blocks, count = _row_blocks(block_table, lengths, block_size, n_blocks)
-    rows = grouped.index_select(0, blocks.flatten()).view(len(lengths), count, heads, block_size, dim)
-    return _left_padded(rows.transpose(1, 2), lengths)
+    return _left_padded(_block_rows(grouped, _row_blocks(block_table, lengths, grouped.shape[2], grouped.shape[0])),
+                        lengths)
 
 
-def _row_blocks(block_table: torch.Tensor, lengths: torch.Tensor, block_size: int, n_blocks: int
-                ) -> tuple[torch.Tensor, int]:
+def _row_blocks(block_table: torch.Tensor, lengths: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
     """Each row's first blocks, as many as the longest row needs (past a row's last block: any block, hidden)."""
-    count = -(-int(lengths.max()) // block_size)
-    return block_table[:, :count].long().clamp(0, n_blocks - 1), count
+    return block_table[:, :-(-int(lengths.max()) // block_size)].long().clamp(0, n_blocks - 1)
 
 
 def _left_padded(blocks: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -121,13 +123,6 @@ def _left_padded(blocks: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     for r, length in enumerate(lengths.tolist()):
         out[r, :, total - length:] = flat[r, :, :length]
     return out
-
-
-def gather_grouped(grouped: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
-    """Kept grouped keys [1, kv_heads, length, head_dim] of one request, from its cache blocks (in order)."""
-    n_blocks, heads, block_size, dim = grouped.shape
-    used = blocks[:(length + block_size - 1) // block_size].long()
-    return grouped.index_select(0, used).transpose(0, 1).reshape(heads, -1, dim)[None, :, :length]
 
 
 def token_positions(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
