@@ -1,33 +1,66 @@
-"""The vLLM plugin's decode kernel call in isolation: 8 decoding rows of ~500 keys (testbed heads, G=6, W=32),
-batched and left-padded (as the plugin now runs them) against one call per row and against plain SDPA.
+"""The vLLM plugin's decode attention for one layer in isolation: 8 decoding rows of ~500 keys in a paged cache
+(testbed heads, G=6, W=32, blocks of 16, kept grouped keys), read in place by the paged kernel (as the plugin
+runs them) against gathering them left-padded into the blockwise kernel (as it ran them before) and against
+plain SDPA over the same gathered keys (what no SelfExtend costs). Times are per call, ratios to SDPA.
 
-    python benchmarks/vllm_decode_kernel.py      # from the repository root
+    python benchmarks/vllm_decode_kernel.py      # from the repository root; quiet machine
 """
-import time, torch
-from selfextend.attention import resolve_backend, resolve_geometry, KVLayout
-from selfextend.rotary import GroupedRotation, rope_from_config
+import time
+
+import torch
 import transformers
+
+from selfextend.attention import KVLayout, resolve_backend, resolve_geometry
+from selfextend.attention.paged import decode_plan, paged_decode_attention
+from selfextend.rotary import GroupedRotation, rope_from_config
+
 cfg = transformers.AutoConfig.from_pretrained("src/selfextend/testbed/weights")
-rot = GroupedRotation(6, 32, rope_from_config(cfg))
-k = resolve_backend("blockwise", torch.device("cpu"))
-B, h, d = 8, 4, 32
-lengths = torch.tensor([500 + 3 * i for i in range(B)])
-T = 528
-keys = torch.randn(B, h, T, d); values = torch.randn(B, h, T, d); q = torch.randn(B, h, 1, d)
-def batched():
-    g = resolve_geometry(KVLayout(q_offset=T - 1, kv_offset=0), None, B, 1, T, q.device, starts=(T - lengths)[:, None])
-    return k.selfextend(q, keys, values, g, rot, 0.17)
-def single():
-    for r in range(B):
-        n = int(lengths[r])
-        g = resolve_geometry(KVLayout(q_offset=n - 1, kv_offset=0), None, 1, 1, n, q.device)
-        k.selfextend(q[r:r+1], keys[r:r+1, :, :n].contiguous(), values[r:r+1, :, :n].contiguous(), g, rot, 0.17)
-def vanilla():
-    torch.nn.functional.scaled_dot_product_attention(q, keys, values)
-for f in (batched, single, vanilla):
-    f(); t = time.perf_counter()
-    for _ in range(50): f()
-    print(f.__name__, (time.perf_counter() - t) / 50 * 1e3, "ms")
-with torch.profiler.profile() as p:
-    for _ in range(20): batched()
-print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))  # where the batched call spends its time
+rotation = GroupedRotation(6, 32, rope_from_config(cfg))
+blockwise = resolve_backend("blockwise", torch.device("cpu"))
+torch.manual_seed(0)
+rows, heads, query_heads, dim, block = 8, 4, 4, 32, 16
+lengths = torch.tensor([500 + 3 * r for r in range(rows)])
+count = -(-int(lengths.max()) // block)
+n_blocks = rows * count + 16
+table = torch.randperm(n_blocks)[:rows * count].view(rows, count).int()
+keys, values, grouped = (torch.randn(n_blocks, heads, block, dim) for _ in range(3))
+query = torch.randn(rows, query_heads, dim)
+total = count * block
+
+
+def paged():
+    plan = decode_plan(table, lengths, n_blocks, block, heads, rotation)  # once per step in the plugin
+    return paged_decode_attention(query, keys, values, plan, rotation, 0.17, grouped)
+
+
+def _left_padded(per_block):
+    out = per_block.new_zeros(rows, heads, total, dim)
+    picked = per_block[table.long()].transpose(1, 2).reshape(rows, heads, total, dim)
+    for r, n in enumerate(lengths.tolist()):
+        out[r, :, total - n:] = picked[r, :, :n]
+    return out
+
+
+def left_padded():
+    k, v, g = _left_padded(keys), _left_padded(values), _left_padded(grouped)
+    geometry = resolve_geometry(KVLayout(q_offset=total - 1, kv_offset=0), None, rows, 1, total, query.device,
+                                starts=(total - lengths)[:, None])
+    return blockwise.selfextend(query[:, :, None], k, v, geometry, rotation, 0.17, g)[:, 0]
+
+
+def sdpa():
+    k, v = _left_padded(keys), _left_padded(values)
+    hidden = torch.arange(total)[None, :] < (total - lengths)[:, None]
+    return torch.nn.functional.scaled_dot_product_attention(query[:, :, None], k, v, attn_mask=~hidden[:, None, None])
+
+
+torch.testing.assert_close(paged(), left_padded(), atol=1e-5, rtol=1e-5)  # the same attention
+times = {}
+for f in (sdpa, left_padded, paged):
+    f()
+    start = time.perf_counter()
+    for _ in range(100):
+        f()
+    times[f.__name__] = (time.perf_counter() - start) / 100 * 1e3
+for name, ms in times.items():
+    print(f"{name:12s} {ms:7.3f} ms per layer  {ms / times['sdpa']:5.2f}x sdpa")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from selfextend.attention import blockwise
+from selfextend.attention import blockwise, paged
 from selfextend.attention.layout import KVLayout, resolve_geometry
 from selfextend.attention.merge import merge_states
 from selfextend.attention.reference import reference_attention
@@ -85,7 +85,7 @@ def test_blockwise_matches_oracle(n_queries, n_keys, pads, block, G, W):
 @pytest.mark.parametrize("pads", [[0], [0, 11, 3]])
 def test_with_kept_grouped_keys_the_far_keys_are_not_read(n_queries, n_keys, pads):
     """Given the grouped keys, keys at distance >= W from every query are read only through them: NaN there
-    changes nothing (the vLLM plugin gathers only a decoding row's recent keys)."""
+    changes nothing (the contract selfextend_attention documents)."""
     _, _, v, q, k, geometry = _problem(n_queries, n_keys, pads)
     rotation = _rotation(4, 8)
     kept = rotation(k, geometry.key_positions, "key")
@@ -154,3 +154,55 @@ def test_portable_partial_matches_cpu_kernel():
     out_math, lse_math = _attend_math(q, k, v, mask, 0.3)
     torch.testing.assert_close(out_math.masked_fill(~mask.any(-1)[..., None], 0), out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse_math, lse)
+
+
+def _paged(lengths, block_size, n_blocks, transposed, seed=0):
+    """Rows of keys (rotated at 0..length-1) and values written into a NaN-filled paged cache at shuffled
+    blocks; table entries past a row's blocks point anywhere. Returns the rows, the cache views and the table."""
+    torch.manual_seed(seed)
+    count = -(-max(lengths) // block_size)
+    order = torch.randperm(n_blocks)
+    keys = torch.full((n_blocks, 2, block_size, 16), float("nan"))
+    values = torch.full_like(keys, float("nan"))
+    table = torch.randint(0, n_blocks, (len(lengths), count + 2), dtype=torch.int32)
+    rows, used = [], 0
+    for r, n in enumerate(lengths):
+        k = _hf_rope(torch.randn(1, 2, n, 16), torch.arange(n)[None])
+        v = torch.randn(1, 2, n, 16)
+        mine = -(-n // block_size)
+        table[r, :mine] = order[used:used + mine].int()
+        used += mine
+        for s in range(n):
+            block = int(table[r, s // block_size])
+            keys[block, :, s % block_size], values[block, :, s % block_size] = k[0, :, s], v[0, :, s]
+        rows.append((k, v))
+    if transposed:  # stored [d, block_size] per block and head (vLLM's CPU layout), read through a view
+        keys = keys.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return rows, keys, values, table
+
+
+@pytest.mark.parametrize("lengths", [[70, 33, 5, 64], [41]])
+@pytest.mark.parametrize("G, W", [(4, 8), (3, 10), (1, 6), (5, 40)])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("kept", [False, True])
+def test_paged_decode_matches_oracle(lengths, G, W, transposed, kept):
+    """One query per row over keys read in place from shuffled cache blocks (unwritten slots NaN), against
+    the oracle on each row's keys alone; with the grouped keys kept in the same slots, or rotated there."""
+    rotation, block_size = _rotation(G, W), 8
+    rows, keys, values, table = _paged(lengths, block_size, 40, transposed)
+    grouped = None
+    if kept:
+        grouped = torch.full(keys.shape, float("nan"))
+        for block in range(40):  # the keys' slots, at their grouped positions (NaN stays NaN)
+            for r, n in enumerate(lengths):
+                if block in table[r, :-(-n // block_size)].tolist():
+                    first = table[r].tolist().index(block) * block_size
+                    positions = torch.arange(first, first + block_size)[None]
+                    grouped[block] = rotation(keys[block][None], positions, "key")[0]
+    query = torch.randn(len(lengths), 4, 16)
+    plan = paged.decode_plan(table, torch.tensor(lengths), 40, block_size, 2, rotation)
+    got = paged.paged_decode_attention(query, keys, values, plan, rotation, 0.3, grouped)
+    for r, (n, (k, v)) in enumerate(zip(lengths, rows)):
+        geometry = resolve_geometry(KVLayout(q_offset=n - 1, kv_offset=0), None, 1, 1, n, torch.device("cpu"))
+        expected = reference_attention(query[r:r + 1, :, None], k, v, geometry, rotation, 0.3)
+        torch.testing.assert_close(got[r], expected[0, 0], atol=1e-5, rtol=1e-5)

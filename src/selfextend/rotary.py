@@ -84,18 +84,21 @@ class GroupedRotation:
             self._tables[(kind, device)] = (cos, sin)
         return cos, sin
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str) -> torch.Tensor:
-        """Rotate x [b, h, n, d] (at `positions` [b, n], contiguous per row) to its grouped `kind` positions."""
+    def angles(self, positions: torch.Tensor, kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [b, n, d/2] moving vectors at `positions` [b, n] to their grouped `kind` positions."""
         first = positions[:, 0]
         n = positions.shape[1]
         if positions.shape[0] == 1 and int(first[0]) >= 0:  # one row: a view into the table
             start = int(first[0])
-            cos, sin = self._table(kind, start + n, x.device)
-            cos, sin = cos[start:start + n][None], sin[start:start + n][None]
-        else:  # padded positions (< 0) are masked later: any angle will do
-            index = positions.clamp_min(0).to(x.device)
-            cos, sin = self._table(kind, int(index.max()) + 1, x.device)
-            cos, sin = cos[index], sin[index]
+            cos, sin = self._table(kind, start + n, device)
+            return cos[start:start + n][None], sin[start:start + n][None]
+        index = positions.clamp_min(0).to(device)  # padded positions (< 0) are masked later: any angle will do
+        cos, sin = self._table(kind, int(index.max()) + 1, device)
+        return cos[index], sin[index]
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str) -> torch.Tensor:
+        """Rotate x [b, h, n, d] (at `positions` [b, n], contiguous per row) to its grouped `kind` positions."""
+        cos, sin = self.angles(positions, kind, x.device)
         return rotate(x, cos[:, None], sin[:, None])
 
 

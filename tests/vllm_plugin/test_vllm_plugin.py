@@ -258,36 +258,64 @@ def test_vllm_serve_with_the_plugin_answers_the_openai_client(tmp_path):
         log.close()
 
 
-def test_decoding_rows_gathered_together_left_padded():
-    """The batched gather gives each request's keys and values, in order, at the end of its row."""
-    from selfextend.vllm.cpu_backend import (gather_grouped, gather_grouped_batch, gather_kv, gather_kv_batch,
-                                             gather_recent_keys)
+def _vllm_cpu_cache(keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor, lengths: list[int],
+                    n_blocks: int, block_size: int) -> torch.Tensor:
+    """vLLM's CPU cache [blocks, heads, block_size, 2·d] (per block and head: K as [d, block_size], then V as
+    [block_size, d]) holding row r's keys/values [rows, heads, length, d] in the blocks of table[r]; NaN elsewhere."""
+    heads, dim = keys.shape[1], keys.shape[3]
+    cache = torch.full((n_blocks, heads, 2, block_size * dim), float("nan"))
+    k_half = cache[:, :, 0].view(n_blocks, heads, dim, block_size)
+    v_half = cache[:, :, 1].view(n_blocks, heads, block_size, dim)
+    for r, length in enumerate(lengths):
+        for s in range(length):
+            block, slot = int(table[r, s // block_size]), s % block_size
+            k_half[block, :, :, slot], v_half[block, :, slot] = keys[r, :, s], values[r, :, s]
+    return cache.view(n_blocks, heads, block_size, 2 * dim)
 
-    blocks, heads, block_size, dim = 12, 2, 4, 8
-    cache = torch.randn(blocks, heads, block_size, 2 * dim)
+
+def test_the_paged_cache_read_in_place_and_gathered():
+    """A request's keys and values gathered from vLLM's CPU layout come out in order; the decoding rows read
+    in place give what the blockwise kernel gives over those gathered keys, with the grouped keys kept or not."""
+    from selfextend.attention import KVLayout, resolve_backend, resolve_geometry
+    from selfextend.attention.paged import decode_plan
+    from selfextend.rotary import GroupedRotation, rope_from_config
+    from selfextend.vllm.cpu_backend import _halves, _step_plan, gather_grouped, gather_kv, paged_decode_attention
+
+    n_blocks, heads, block_size, dim = 12, 2, 4, 32
+    lengths = [10, 17, 3]
     table = torch.tensor([[3, 7, 1, 0, 0], [5, 2, 9, 11, 4], [6, 0, 0, 0, 0]], dtype=torch.int32)
-    lengths = torch.tensor([10, 17, 3])
-    keys, values = gather_kv_batch(cache, table, lengths)
-    total = 20  # the longest, 17, rounded up to whole blocks
-    assert keys.shape == values.shape == (3, heads, total, dim)
-    for r, length in enumerate(lengths.tolist()):
-        want_keys, want_values = gather_kv(cache, table[r], length)
-        torch.testing.assert_close(keys[r:r + 1, :, total - length:], want_keys, rtol=0, atol=0)
-        torch.testing.assert_close(values[r:r + 1, :, total - length:], want_values, rtol=0, atol=0)
+    torch.manual_seed(0)
+    keys, values = torch.randn(3, heads, 17, dim), torch.randn(3, heads, 17, dim)
+    cache = _vllm_cpu_cache(keys, values, table, lengths, n_blocks, block_size)
+    rope = rope_from_config(transformers.LlamaConfig(**SHAPE))
+    rotation = GroupedRotation(2, 5, rope)
+    grouped = torch.full((n_blocks, heads, block_size, dim), float("nan"))  # kept: [block, slot, d] per head
+    for r, length in enumerate(lengths):
+        rotated = rotation(keys[r:r + 1], torch.arange(17)[None], "key")[0]
+        for s in range(length):
+            grouped[int(table[r, s // block_size]), :, s % block_size] = rotated[:, s]
 
-    for window in (1, 2, 3):  # each row's last `window` keys (the rest unset); every row holds at least 3
-        recent = gather_recent_keys(cache, table, lengths, window)
-        assert recent.shape == keys.shape
-        torch.testing.assert_close(recent[:, :, total - window:], keys[:, :, total - window:], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="fewer than the 4 recent keys"):
-        gather_recent_keys(cache, table, lengths, 4)
+    kernel, query = resolve_backend("blockwise", torch.device("cpu")), torch.randn(3, 4, dim)
+    expected = []
+    for r, length in enumerate(lengths):
+        got_keys, got_values = gather_kv(cache, table[r], length)
+        torch.testing.assert_close(got_keys, keys[r:r + 1, :, :length], rtol=0, atol=0)
+        torch.testing.assert_close(got_values, values[r:r + 1, :, :length], rtol=0, atol=0)
+        kept = gather_grouped(grouped, table[r], length)
+        torch.testing.assert_close(kept, rotation(got_keys, torch.arange(length)[None], "key"), rtol=0, atol=0)
+        geometry = resolve_geometry(KVLayout(q_offset=length - 1, kv_offset=0), None, 1, 1, length, query.device)
+        expected.append(kernel.selfextend(query[r:r + 1, :, None], got_keys, got_values, geometry, rotation, 0.2)[0, 0])
 
-    grouped = torch.randn(blocks, heads, block_size, dim)  # kept grouped keys: plain [block, slot, d] per head
-    rows = gather_grouped_batch(grouped, table, lengths)
-    for r, length in enumerate(lengths.tolist()):
-        want = torch.cat([grouped[b] for b in table[r].tolist()], dim=1)[None, :, :length]
-        torch.testing.assert_close(gather_grouped(grouped, table[r], length), want, rtol=0, atol=0)
-        torch.testing.assert_close(rows[r:r + 1, :, total - length:], want, rtol=0, atol=0)
+    metadata = SimpleNamespace(block_table=table, seq_lens=torch.tensor(lengths, dtype=torch.int32))
+    plan = _step_plan(metadata, [0, 1, 2], cache, rotation)
+    assert _step_plan(metadata, [0, 1, 2], cache, rotation) is plan  # built once per step, shared by the layers
+    assert plan.total == 20  # the longest row, 17, in whole blocks
+    torch.testing.assert_close(plan.window_columns, decode_plan(table, torch.tensor(lengths), n_blocks, block_size,
+                                                                heads, rotation).window_columns, rtol=0, atol=0)
+    k_half, v_half = _halves(cache)
+    for kept in (grouped, None):
+        got = paged_decode_attention(query, k_half.transpose(-1, -2), v_half, plan, rotation, 0.2, kept)
+        torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-5)
 
 
 def test_each_new_token_at_its_absolute_position():

@@ -8,8 +8,9 @@ after writing this step's keys and values into the paged cache, so each request'
 its blocks (the cache holds them rotated at their own positions). Their grouped form depends only on the
 key and its position, so each layer keeps it beside vLLM's cache, in the same blocks and slots: a step
 rotates only its new keys (as in transformers; `keep_grouped_keys: false` rotates the gathered keys
-instead). The step's decoding requests go through the kernel together, left-padded to the longest (one
-gather and one kernel call per layer); prefill chunks go one request at a time.
+instead). The step's decoding requests go together through the paged decode kernel, which reads their
+blocks in place (a fixed count of operations per layer, whatever the batch); prefill chunks go one request
+at a time through the blockwise kernel, over their gathered keys.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadataBuilder)
 
 from ..attention import KVLayout, grouped_key_count, resolve_backend, resolve_geometry
+from ..attention.paged import DecodePlan, decode_plan, paged_decode_attention
 from ..rotary import GroupedRotation
 from .settings import SelfExtendVLLMError, engine_settings
 
@@ -65,66 +67,6 @@ def _key_rows(kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return _block_rows(_halves(kv_cache)[0], blocks).transpose(-1, -2)
 
 
-def gather_kv_batch(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values [rows, kv_heads, T, head_dim] of several requests, each left-padded to T (a multiple of
-    the block size): row r's `lengths[r]` keys fill its last positions, what comes before is not attended."""
-    blocks = _row_blocks(block_table, lengths, kv_cache.shape[2], kv_cache.shape[0])
-    return _left_padded(_key_rows(kv_cache, blocks), lengths), gather_values_batch(kv_cache, block_table, lengths)
-
-
-def gather_values_batch(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The values of `gather_kv_batch` alone."""
-    blocks = _row_blocks(block_table, lengths, kv_cache.shape[2], kv_cache.shape[0])
-    return _left_padded(_block_rows(_halves(kv_cache)[1], blocks), lengths)
-
-
-def gather_recent_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, window: int
-                       ) -> torch.Tensor:
-    """Keys laid out as `gather_kv_batch` lays them out, but only each row's last `window` set: a decoding token
-    reads no other key once the grouped keys are kept (the kernel's contract, tested with NaN there), so the
-    rest is neither copied nor cleared. Every row must hold at least `window` keys."""
-    n_blocks, heads, block_size, twice = kv_cache.shape
-    dim, rows = twice // 2, len(lengths)
-    total = -(-int(lengths.max()) // block_size) * block_size
-    if int(lengths.min()) < window:
-        raise ValueError(f"a row holds fewer than the {window} recent keys asked for")
-    first = (lengths - window) // block_size  # each row's first block holding a recent key
-    span = -(-window // block_size) + 1  # blocks the last `window` keys can touch
-    index = (first[:, None] + torch.arange(span, device=lengths.device)).clamp_max(block_table.shape[1] - 1)
-    blocks = block_table.gather(1, index.to(block_table.dtype)).long().clamp(0, n_blocks - 1)
-    key = _key_rows(kv_cache, blocks).reshape(rows, heads, span * block_size, dim)
-    out = kv_cache.new_empty(rows, heads, total, dim)
-    for r, (length, start) in enumerate(zip(lengths.tolist(), (first * block_size).tolist())):
-        out[r, :, total - window:] = key[r, :, length - start - window:length - start]
-    return out
-
-
-def gather_grouped_batch(grouped: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Kept grouped keys [rows, kv_heads, T, head_dim], laid out as `gather_kv_batch` lays out the keys."""
-    return _left_padded(_block_rows(grouped, _row_blocks(block_table, lengths, grouped.shape[2], grouped.shape[0])),
-                        lengths)
-
-
-def _row_blocks(block_table: torch.Tensor, lengths: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
-    """Each row's first blocks, as many as the longest row needs (past a row's last block: any block, hidden)."""
-    return block_table[:, :-(-int(lengths.max()) // block_size)].long().clamp(0, n_blocks - 1)
-
-
-def _left_padded(blocks: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """[rows, heads, count, block, d] (any strides) as [rows, heads, count·block, d], row r's keys at its end and
-    zeros before them (never attended; zeros, so that a masked key's zero weight cannot meet a NaN)."""
-    rows, heads, count, block_size, dim = blocks.shape
-    total = count * block_size
-    flat = blocks.contiguous().view(rows, heads, total, dim)
-    if bool((lengths == total).all()):  # no row is padded
-        return flat
-    out = blocks.new_zeros(rows, heads, total, dim)
-    for r, length in enumerate(lengths.tolist()):
-        out[r, :, total - length:] = flat[r, :, :length]
-    return out
-
-
 def token_positions(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The absolute position of each of a step's tokens: request r's q tokens are the last q of its seq_len."""
     counts = starts[1:] - starts[:-1]
@@ -143,6 +85,20 @@ def _step_slots(attn_metadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         found = slots[written], positions[written], written
         attn_metadata._selfextend_slots = found
     return found
+
+
+def _step_plan(attn_metadata, rows: list[int], kv_cache: torch.Tensor, rotation: GroupedRotation) -> DecodePlan:
+    """The decoding rows' block indices, built by the step's first SelfExtend layer and kept on the step's
+    metadata for the others (the same block table, lengths, cache shape and engine-wide G/W)."""
+    n_blocks, heads, block_size = kv_cache.shape[:3]
+    key = (tuple(rows), n_blocks, heads, block_size, rotation.group_size, rotation.window_size, rotation.offset)
+    found = getattr(attn_metadata, "_selfextend_decode", None)
+    if found is None or found[0] != key:
+        index = torch.tensor(rows, device=kv_cache.device)
+        plan = decode_plan(attn_metadata.block_table[index], attn_metadata.seq_lens[index], n_blocks, block_size,
+                           heads, rotation)
+        found = attn_metadata._selfextend_decode = (key, plan)
+    return found[1]
 
 
 class SelfExtendCPUImpl(CPUAttentionBackendImpl):
@@ -233,22 +189,14 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, grouped: torch.Tensor | None, attn_metadata,
                 rows: list[int], starts: list[int], output: torch.Tensor) -> None:
-        """One new token for each of `rows`, all through one kernel call over their left-padded keys."""
-        index = torch.tensor(rows, device=query.device)
-        lengths = attn_metadata.seq_lens[index].long()
-        table = attn_metadata.block_table[index]
+        """One new token for each of `rows`, all in one kernel call reading their keys in place from the blocks."""
+        plan = _step_plan(attn_metadata, rows, kv_cache, self.rotation)
         if grouped is None:
-            keys, values = gather_kv_batch(kv_cache, table, lengths)
-        else:  # the grouped keys are kept: of the keys themselves only the last W are read
-            values = gather_values_batch(kv_cache, table, lengths)
-            keys = gather_recent_keys(kv_cache, table, lengths, self.rotation.window_size)
-        total = keys.shape[2]
-        geometry = resolve_geometry(KVLayout(q_offset=total - 1, kv_offset=0), None, len(rows), 1, total,
-                                    query.device, starts=(total - lengths)[:, None])
+            self.keys_rotated += len(rows) * plan.heads * plan.total
         tokens = torch.tensor([starts[r] for r in rows], device=query.device)
-        kept = None if grouped is None else gather_grouped_batch(grouped, table, lengths)
-        out = self._attend(query[tokens][:, :, None], keys, values, geometry, kept)
-        output[tokens] = out[:, 0]
+        keys, values = _halves(kv_cache)
+        output[tokens] = paged_decode_attention(query[tokens], keys.transpose(-1, -2), values, plan, self.rotation,
+                                                self.scale, grouped)
 
 
 class SelfExtendMetadataBuilder(CPUAttentionMetadataBuilder):
