@@ -15,6 +15,8 @@ at a time through the blockwise kernel, over their gathered keys.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from vllm.config import get_current_vllm_config
 from vllm.logger import init_logger
@@ -24,7 +26,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from ..attention import KVLayout, grouped_key_count, resolve_backend, resolve_geometry
 from ..attention.paged import DecodePlan, decode_plan, paged_decode_attention
-from ..rotary import GroupedRotation
+from ..rotary import GroupedRotation, rotate
 from .settings import SelfExtendVLLMError, engine_settings
 
 logger = init_logger(__name__)
@@ -74,15 +76,29 @@ def token_positions(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor
     return first + torch.arange(int(starts[-1]), device=starts.device)
 
 
-def _step_slots(attn_metadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The step's written slots, their tokens' positions, and which tokens were written (padding is not); the
-    same for every layer of a step, so computed once and kept on the step's metadata."""
+@dataclass(frozen=True)
+class StepSlots:
+    """Where this step's new keys go and how far each turns to its grouped position, alike for every layer."""
+
+    written: torch.Tensor | None  # which of the step's tokens vLLM wrote (padding is not); None: all of them
+    blocks: torch.Tensor  # the written tokens' cache blocks
+    offsets: torch.Tensor  # and their slots in those blocks
+    angles: tuple[torch.Tensor, torch.Tensor]  # cos/sin [tokens, d/2] from each key's position to its grouped one
+
+
+def _step_slots(attn_metadata, block_size: int, rotation: GroupedRotation) -> StepSlots:
+    """The step's `StepSlots`, built by its first SelfExtend layer and kept on its metadata for the others."""
     found = getattr(attn_metadata, "_selfextend_slots", None)
     if found is None:
         slots = attn_metadata.slot_mapping[:attn_metadata.num_actual_tokens].long()
         positions = token_positions(attn_metadata.query_start_loc, attn_metadata.seq_lens)
         written = slots >= 0
-        found = slots[written], positions[written], written
+        if bool(written.all()):
+            written = None
+        else:
+            slots, positions = slots[written], positions[written]
+        cos, sin = rotation.angles(positions[:, None], "key", slots.device)  # one row per token: any positions
+        found = StepSlots(written, slots // block_size, slots % block_size, (cos[:, 0], sin[:, 0]))
         attn_metadata._selfextend_slots = found
     return found
 
@@ -172,11 +188,13 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         if self._grouped_for != (kv_cache.data_ptr(), kv_cache.shape):  # first step, or vLLM's cache was replaced
             self.grouped = kv_cache.new_empty(n_blocks, heads, block_size, twice // 2)
             self._grouped_for = (kv_cache.data_ptr(), kv_cache.shape)
-        count = attn_metadata.num_actual_tokens
-        slots, positions, written = _step_slots(attn_metadata)
-        new = self.rotation(key[:count][written][:, :, None], positions[:, None], "key")[:, :, 0]
-        self.grouped[slots // block_size, :, slots % block_size] = new
-        self.keys_rotated += len(slots)
+        step = _step_slots(attn_metadata, block_size, self.rotation)
+        new = key[:attn_metadata.num_actual_tokens]
+        if step.written is not None:
+            new = new[step.written]
+        cos, sin = step.angles
+        self.grouped[step.blocks, :, step.offsets] = rotate(new, cos[:, None], sin[:, None])
+        self.keys_rotated += len(step.blocks)
         return self.grouped
 
     def _attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, geometry,
