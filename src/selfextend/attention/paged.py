@@ -34,6 +34,7 @@ class DecodePlan:
     window_blocks: torch.Tensor  # [rows·heads·span] the same for the span blocks that hold its last W keys
     window_columns: torch.Tensor  # [rows, span·block_size] a window key's column, or `total` (spare) when i - j >= W
     hidden: torch.Tensor  # [rows, total] keys past the row's length
+    hidden_values: torch.Tensor  # their value rows in [rows·heads·total, d], head by head
     query_angles: tuple[torch.Tensor, torch.Tensor]  # cos/sin [rows, d/2] from the query's position to its grouped one
 
     @property
@@ -63,12 +64,15 @@ def decode_plan(block_table: torch.Tensor, lengths: torch.Tensor, n_blocks: int,
     query = (lengths - 1)[:, None]
     near = (columns <= query) & (query - columns < window)
     cos, sin = rotation.angles(query, "query", device)
+    hidden = torch.arange(total, device=device)[None, :] >= lengths[:, None]
+    row, column = hidden.nonzero(as_tuple=True)
     return DecodePlan(
         lengths=lengths, heads=heads, block_size=block_size,
         all_blocks=flat(block_table[:, :count]),
         window_blocks=flat(block_table.gather(1, window_index.to(block_table.dtype))),
         window_columns=torch.where(near, columns, total),
-        hidden=torch.arange(total, device=device)[None, :] >= lengths[:, None],
+        hidden=hidden,
+        hidden_values=((row[:, None] * heads + head[0, :, 0]) * total + column[:, None]).flatten(),
         query_angles=(cos[:, 0], sin[:, 0]),
     )
 
@@ -115,7 +119,7 @@ def paged_decode_attention(query: torch.Tensor, key_blocks: torch.Tensor, value_
     logits[..., :total].masked_fill_(plan.hidden[:, None], float("-inf"))
     logits[..., total] = float("-inf")
     probs = torch.softmax(logits.mul_(scale), dim=-1)[..., :total].to(value_blocks.dtype)
-    values = _select(value_blocks, plan.all_blocks).view(rows, heads, total, dim)
-    values.masked_fill_(plan.hidden[:, None, :, None], 0.0)  # unwritten slots may hold anything, even NaN
+    values = _select(value_blocks, plan.all_blocks)
+    values.view(-1, dim).index_fill_(0, plan.hidden_values, 0.0)  # unwritten slots may hold anything, even NaN
     out = torch.matmul(probs.view(rows * heads, group, total), values.view(rows * heads, total, dim))
     return out.view(rows, query_heads, dim).to(query.dtype)
