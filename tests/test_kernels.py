@@ -181,13 +181,15 @@ def _paged(lengths, block_size, n_blocks, transposed, seed=0):
     return rows, keys, values, table
 
 
-@pytest.mark.parametrize("lengths", [[70, 33, 5, 64], [41]])
+@pytest.mark.parametrize("lengths, queries", [([70, 33, 5, 64], None), ([41], None), ([70, 33, 5, 64], [9, 1, 5, 2]),
+                                              ([41], [12])])
 @pytest.mark.parametrize("G, W", [(4, 8), (3, 10), (1, 6), (5, 40)])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("kept", [False, True])
-def test_paged_decode_matches_oracle(lengths, G, W, transposed, kept):
-    """One query per row over keys read in place from shuffled cache blocks (unwritten slots NaN), against
-    the oracle on each row's keys alone; with the grouped keys kept in the same slots, or rotated there."""
+def test_paged_attention_matches_oracle(lengths, queries, G, W, transposed, kept):
+    """Each row's last queries (one each: decoding) over keys read in place from shuffled cache blocks
+    (unwritten slots NaN), against the oracle on each row's keys alone; with the grouped keys kept in the
+    same slots, or rotated there."""
     rotation, block_size = _rotation(G, W), 8
     rows, keys, values, table = _paged(lengths, block_size, 40, transposed)
     grouped = None
@@ -199,10 +201,12 @@ def test_paged_decode_matches_oracle(lengths, G, W, transposed, kept):
                     first = table[r].tolist().index(block) * block_size
                     positions = torch.arange(first, first + block_size)[None]
                     grouped[block] = rotation(keys[block][None], positions, "key")[0]
-    query = torch.randn(len(lengths), 4, 16)
-    plan = paged.decode_plan(table, torch.tensor(lengths), 40, block_size, 2, rotation)
-    got = paged.paged_decode_attention(query, keys, values, plan, rotation, 0.3, grouped)
-    for r, (n, (k, v)) in enumerate(zip(lengths, rows)):
-        geometry = resolve_geometry(KVLayout(q_offset=n - 1, kv_offset=0), None, 1, 1, n, torch.device("cpu"))
-        expected = reference_attention(query[r:r + 1, :, None], k, v, geometry, rotation, 0.3)
-        torch.testing.assert_close(got[r], expected[0, 0], atol=1e-5, rtol=1e-5)
+    counts = queries or [1] * len(lengths)
+    query = torch.randn(len(lengths), max(counts), 4, 16)
+    plan = paged.paged_plan(table, torch.tensor(lengths), None if queries is None else torch.tensor(queries), 40,
+                            block_size, 2, rotation)
+    got = paged.paged_attention(query, keys, values, plan, rotation, 0.3, grouped)
+    for r, (n, q, (k, v)) in enumerate(zip(lengths, counts, rows)):
+        geometry = resolve_geometry(KVLayout(q_offset=n - q, kv_offset=0), None, 1, q, n, torch.device("cpu"))
+        expected = reference_attention(query[r:r + 1, :q].transpose(1, 2), k, v, geometry, rotation, 0.3)
+        torch.testing.assert_close(got[r, :q], expected[0], atol=1e-5, rtol=1e-5)

@@ -274,15 +274,15 @@ def _vllm_cpu_cache(keys: torch.Tensor, values: torch.Tensor, table: torch.Tenso
 
 
 def test_the_paged_cache_read_in_place_and_gathered():
-    """A request's keys and values gathered from vLLM's CPU layout come out in order; the decoding rows read
-    in place give what the blockwise kernel gives over those gathered keys, with the grouped keys kept or not."""
+    """A request's keys and values gathered from vLLM's CPU layout come out in order; a step's rows read in
+    place (two decoding, one a 3-token chunk) give what the blockwise kernel gives over those gathered keys,
+    with the grouped keys kept or not."""
     from selfextend.attention import KVLayout, resolve_backend, resolve_geometry
-    from selfextend.attention.paged import decode_plan
     from selfextend.rotary import GroupedRotation, rope_from_config
-    from selfextend.vllm.cpu_backend import _halves, _step_plan, gather_grouped, gather_kv, paged_decode_attention
+    from selfextend.vllm.cpu_backend import _halves, _step_rows, gather_grouped, gather_kv, paged_attention
 
     n_blocks, heads, block_size, dim = 12, 2, 4, 32
-    lengths = [10, 17, 3]
+    lengths, counts = [10, 17, 3], [1, 3, 1]
     table = torch.tensor([[3, 7, 1, 0, 0], [5, 2, 9, 11, 4], [6, 0, 0, 0, 0]], dtype=torch.int32)
     torch.manual_seed(0)
     keys, values = torch.randn(3, heads, 17, dim), torch.randn(3, heads, 17, dim)
@@ -295,27 +295,32 @@ def test_the_paged_cache_read_in_place_and_gathered():
         for s in range(length):
             grouped[int(table[r, s // block_size]), :, s % block_size] = rotated[:, s]
 
-    kernel, query = resolve_backend("blockwise", torch.device("cpu")), torch.randn(3, 4, dim)
-    expected = []
-    for r, length in enumerate(lengths):
+    kernel, query = resolve_backend("blockwise", torch.device("cpu")), torch.randn(sum(counts), 4, dim)
+    starts = [0, 1, 4, 5]
+    expected = torch.empty_like(query)
+    for r, (length, count) in enumerate(zip(lengths, counts)):
         got_keys, got_values = gather_kv(cache, table[r], length)
         torch.testing.assert_close(got_keys, keys[r:r + 1, :, :length], rtol=0, atol=0)
         torch.testing.assert_close(got_values, values[r:r + 1, :, :length], rtol=0, atol=0)
         kept = gather_grouped(grouped, table[r], length)
         torch.testing.assert_close(kept, rotation(got_keys, torch.arange(length)[None], "key"), rtol=0, atol=0)
-        geometry = resolve_geometry(KVLayout(q_offset=length - 1, kv_offset=0), None, 1, 1, length, query.device)
-        expected.append(kernel.selfextend(query[r:r + 1, :, None], got_keys, got_values, geometry, rotation, 0.2)[0, 0])
+        geometry = resolve_geometry(KVLayout(q_offset=length - count, kv_offset=0), None, 1, count, length,
+                                    query.device)
+        rows = query[starts[r]:starts[r + 1]].transpose(0, 1)[None]
+        expected[starts[r]:starts[r + 1]] = kernel.selfextend(rows, got_keys, got_values, geometry, rotation, 0.2)[0]
 
-    metadata = SimpleNamespace(block_table=table, seq_lens=torch.tensor(lengths, dtype=torch.int32))
-    plan = _step_plan(metadata, [0, 1, 2], cache, rotation)
-    assert _step_plan(metadata, [0, 1, 2], cache, rotation) is plan  # built once per step, shared by the layers
-    assert plan.total == 20  # the longest row, 17, in whole blocks
-    torch.testing.assert_close(plan.window_columns, decode_plan(table, torch.tensor(lengths), n_blocks, block_size,
-                                                                heads, rotation).window_columns, rtol=0, atol=0)
+    metadata = SimpleNamespace(block_table=table, seq_lens=torch.tensor(lengths, dtype=torch.int32),
+                               query_start_loc=torch.tensor(starts, dtype=torch.int32))
+    found = _step_rows(metadata, [0, 1, 2], cache, rotation)
+    assert _step_rows(metadata, [0, 1, 2], cache, rotation) is found  # built once per step, shared by the layers
+    assert found.plan.total == 20  # the longest row, 17, in whole blocks
+    assert found.tokens.tolist() == [[0, 0, 0], [1, 2, 3], [4, 4, 4]]  # the 3-token chunk; the others padded
     k_half, v_half = _halves(cache)
     for kept in (grouped, None):
-        got = paged_decode_attention(query, k_half.transpose(-1, -2), v_half, plan, rotation, 0.2, kept)
-        torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-5)
+        out = paged_attention(query[found.tokens], k_half.transpose(-1, -2), v_half, found.plan, rotation, 0.2, kept)
+        got = torch.empty_like(query)
+        got[found.tokens[found.real]] = out[found.real]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_each_new_token_at_its_absolute_position():

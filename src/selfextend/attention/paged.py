@@ -1,13 +1,16 @@
-"""SelfExtend decode attention read in place from a paged KV cache: one query per row, any number of rows.
+"""SelfExtend attention read in place from a paged KV cache, for many short rows at once: a decode step's rows
+(one query each) or short prefill chunks (a few queries each, padded to the most).
 
 Engines that page their cache (vLLM) keep each request's keys in fixed-size blocks listed by a block table.
-A decode step's rows go through a fixed count of batched operations, whatever their number and lengths:
-  - grouped logits of every row over all its keys, from the grouped keys' blocks (kept, or rotated here);
-  - neighbor logits over the few blocks that hold each row's last W keys only, scattered over the grouped
-    ones where i - j < W (the rest of the window's columns go to a spare column that is dropped);
-  - one softmax per row, keys past the row's length hidden, then the values.
-Nothing is left-padded or copied per row. The indices depend only on the block table and the lengths, so an
-engine builds them once per step (`decode_plan`) and every layer of the step reuses them.
+The rows go through a fixed count of batched operations, whatever their number and lengths:
+  - grouped logits of every query over all its row's keys, from the grouped keys' blocks (kept, or rotated
+    here);
+  - neighbor logits over the few blocks that hold the keys within W of the row's queries only, scattered
+    over the grouped ones where i - j < W (the rest of those columns go to a spare column that is dropped);
+  - one softmax per query, keys after it hidden, then the values.
+Nothing is copied per row. Memory is rows × queries × keys logits, so this is for short rows and chunks; long
+prefill chunks belong to the blockwise kernel. The indices depend only on the block table, the lengths and
+the query counts, so an engine builds them once per step (`paged_plan`) and every layer reuses them.
 """
 
 from __future__ import annotations
@@ -20,60 +23,63 @@ from ..rotary import GroupedRotation, rotate
 
 
 @dataclass(frozen=True)
-class DecodePlan:
-    """Where a step's decoding rows' keys are, as index tensors shared by every layer of the step.
+class PagedPlan:
+    """Where a step's rows' keys are, as index tensors shared by every layer of the step.
 
     Blocks are selected from a per-block view flattened over (block, head), so one `index_select` gives each
     row's keys head by head in order: [rows·heads·count, block_size, d] is [rows·heads, count·block_size, d].
+    Row r's queries are its last q_r tokens; a row with fewer than the most queries repeats its last one.
     """
 
-    lengths: torch.Tensor  # [rows] keys per row; the query is the last, at position length - 1
     heads: int  # key/value heads
     block_size: int
     all_blocks: torch.Tensor  # [rows·heads·count] (block, head) index of every block a row uses, in order
-    window_blocks: torch.Tensor  # [rows·heads·span] the same for the span blocks that hold its last W keys
-    window_columns: torch.Tensor  # [rows, span·block_size] a window key's column, or `total` (spare) when i - j >= W
-    hidden: torch.Tensor  # [rows, total] keys past the row's length
-    hidden_values: torch.Tensor  # their value rows in [rows·heads·total, d], head by head
-    query_angles: tuple[torch.Tensor, torch.Tensor]  # cos/sin [rows, d/2] from the query's position to its grouped one
+    window_blocks: torch.Tensor  # [rows·heads·span] the same for the blocks holding keys within W of its queries
+    window_columns: torch.Tensor  # [rows, queries, span·block_size] a window key's column, `total` if not a neighbor
+    hidden: torch.Tensor  # [rows, queries, total] keys after the query (or past the row's length)
+    hidden_values: torch.Tensor  # value rows past each row's length in [rows·heads·total, d], head by head
+    query_angles: tuple[torch.Tensor, torch.Tensor]  # cos/sin [rows, queries, d/2] to the grouped query positions
 
     @property
     def total(self) -> int:
         """Key columns per row: the longest row's blocks."""
-        return self.hidden.shape[1]
+        return self.hidden.shape[2]
 
 
-def decode_plan(block_table: torch.Tensor, lengths: torch.Tensor, n_blocks: int, block_size: int, heads: int,
-                rotation: GroupedRotation) -> DecodePlan:
-    """The indices of `paged_decode_attention` for rows with `lengths` keys in the blocks of `block_table`
-    [rows, ≥ blocks needed]; table entries past a row's last block may be anything (their keys are hidden)."""
+def paged_plan(block_table: torch.Tensor, lengths: torch.Tensor, queries: torch.Tensor | None, n_blocks: int,
+               block_size: int, heads: int, rotation: GroupedRotation) -> PagedPlan:
+    """The indices of `paged_attention` for rows with `lengths` keys in the blocks of `block_table`
+    [rows, ≥ blocks needed], of which the last `queries` (None: one each) are the rows' queries. Table
+    entries past a row's last block may be anything (their keys are hidden)."""
     lengths = lengths.long()
     device, window = lengths.device, rotation.window_size
+    queries = torch.ones_like(lengths) if queries is None else queries.long()
+    most = int(queries.max())
     count = -(-int(lengths.max()) // block_size)
     total = count * block_size
-    head = torch.arange(heads, device=device)[None, :, None]
+    head = torch.arange(heads, device=device)
 
     def flat(blocks: torch.Tensor) -> torch.Tensor:  # [rows, n] block numbers -> [rows·heads·n] (block, head) index
-        return (blocks.long().clamp(0, n_blocks - 1)[:, None, :] * heads + head).flatten()
+        return (blocks.long().clamp(0, n_blocks - 1)[:, None, :] * heads + head[None, :, None]).flatten()
 
-    span = min(-(-window // block_size) + 1, count)  # blocks the last W keys can touch
-    first = ((lengths - window).clamp_min(0) // block_size).clamp_max(count - span)  # first of them, per row
+    span = min(-(-(window + most - 1) // block_size) + 1, count)  # blocks the neighbor keys can touch
+    first = ((lengths - queries - window + 1).clamp_min(0) // block_size).clamp_max(count - span)
     window_index = first[:, None] + torch.arange(span, device=device)
-    columns = window_index[:, :, None] * block_size + torch.arange(block_size, device=device)
-    columns = columns.flatten(1)
-    query = (lengths - 1)[:, None]
-    near = (columns <= query) & (query - columns < window)
-    cos, sin = rotation.angles(query, "query", device)
-    hidden = torch.arange(total, device=device)[None, :] >= lengths[:, None]
-    row, column = hidden.nonzero(as_tuple=True)
-    return DecodePlan(
-        lengths=lengths, heads=heads, block_size=block_size,
+    columns = (window_index[:, :, None] * block_size + torch.arange(block_size, device=device)).flatten(1)
+    step = torch.minimum(torch.arange(most, device=device)[None, :], queries[:, None] - 1)
+    position = (lengths - queries)[:, None] + step  # [rows, queries]; padding repeats the last query
+    near = (columns[:, None, :] <= position[..., None]) & (position[..., None] - columns[:, None, :] < window)
+    cos, sin = rotation.angles(position, "query", device)
+    past = torch.arange(total, device=device)[None, :] >= lengths[:, None]
+    row, column = past.nonzero(as_tuple=True)
+    return PagedPlan(
+        heads=heads, block_size=block_size,
         all_blocks=flat(block_table[:, :count]),
         window_blocks=flat(block_table.gather(1, window_index.to(block_table.dtype))),
-        window_columns=torch.where(near, columns, total),
-        hidden=hidden,
-        hidden_values=((row[:, None] * heads + head[0, :, 0]) * total + column[:, None]).flatten(),
-        query_angles=(cos[:, 0], sin[:, 0]),
+        window_columns=torch.where(near, columns[:, None, :], total),
+        hidden=torch.arange(total, device=device)[None, None, :] > position[..., None],
+        hidden_values=((row[:, None] * heads + head) * total + column[:, None]).flatten(),
+        query_angles=(cos, sin),
     )
 
 
@@ -86,21 +92,24 @@ def _select(blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, index)
 
 
-def paged_decode_attention(query: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor,
-                           plan: DecodePlan, rotation: GroupedRotation, scale: float,
-                           grouped_blocks: torch.Tensor | None = None) -> torch.Tensor:
-    """SelfExtend attention of one query per row, [rows, query_heads, d] rotated at its position (length - 1),
+def paged_attention(query: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, plan: PagedPlan,
+                    rotation: GroupedRotation, scale: float, grouped_blocks: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """SelfExtend attention of the rows' queries [rows, queries, query_heads, d], rotated at their positions,
     over the rows' keys and values in blocks [n_blocks, heads, block_size, d] (any strides).
 
     grouped_blocks: the keys at their grouped positions, in the same blocks and slots (kept by the engine);
-    without them the row's keys are gathered and rotated here. Returns [rows, query_heads, d].
+    without them the rows' keys are gathered and rotated here. Returns [rows, queries, query_heads, d].
     """
-    rows, query_heads, dim = query.shape
+    rows, most, query_heads, dim = query.shape
     heads, total = plan.heads, plan.total
     group = query_heads // heads
-    folded = query.reshape(rows * heads, group, dim)
-    grouped_query = rotate(query[:, :, None], plan.query_angles[0][:, None, None], plan.query_angles[1][:, None, None])
-    grouped_query = grouped_query.reshape(rows * heads, group, dim)
+
+    def folded(x: torch.Tensor) -> torch.Tensor:  # [rows, queries, query_heads, d] -> [rows·heads, group·queries, d]
+        return x.view(rows, most, heads, group, dim).permute(0, 2, 3, 1, 4).reshape(rows * heads, group * most, dim)
+
+    cos, sin = plan.query_angles
+    grouped_query = folded(rotate(query, cos[:, :, None], sin[:, :, None]))
     if grouped_blocks is not None:
         grouped_keys = _select(grouped_blocks, plan.all_blocks).reshape(rows * heads, total, dim)
     else:
@@ -108,18 +117,17 @@ def paged_decode_attention(query: torch.Tensor, key_blocks: torch.Tensor, value_
         positions = torch.arange(total, device=query.device).expand(rows, total)
         grouped_keys = rotation(keys, positions, "key").reshape(rows * heads, total, dim)
     logits = torch.matmul(grouped_query, grouped_keys.transpose(-1, -2)).float()
-    logits = torch.nn.functional.pad(logits, (0, 1))  # the spare column: window keys that are not neighbors
+    logits = torch.nn.functional.pad(logits, (0, 1)).view(rows, heads * group, most, total + 1)  # + the spare column
     window = _select(key_blocks, plan.window_blocks)
     span = window.shape[0] // (rows * heads)
     window = window.reshape(rows * heads, span, *window.shape[1:])
-    near = torch.matmul(folded[:, None], window.transpose(-1, -2)).float()  # [rows·heads, span, group, block]
-    near = near.transpose(1, 2).reshape(rows, heads * group, span * plan.block_size)
-    logits = logits.view(rows, heads * group, total + 1)
+    near = torch.matmul(folded(query)[:, None], window.transpose(-1, -2)).float()  # [rows·heads, span, gq, block]
+    near = near.transpose(1, 2).reshape(rows, heads * group, most, span * plan.block_size)
     logits.scatter_(-1, plan.window_columns[:, None].expand_as(near), near)
     logits[..., :total].masked_fill_(plan.hidden[:, None], float("-inf"))
     logits[..., total] = float("-inf")
     probs = torch.softmax(logits.mul_(scale), dim=-1)[..., :total].to(value_blocks.dtype)
     values = _select(value_blocks, plan.all_blocks)
     values.view(-1, dim).index_fill_(0, plan.hidden_values, 0.0)  # unwritten slots may hold anything, even NaN
-    out = torch.matmul(probs.view(rows * heads, group, total), values.view(rows * heads, total, dim))
-    return out.view(rows, query_heads, dim).to(query.dtype)
+    out = torch.matmul(probs.reshape(rows * heads, group * most, total), values.view(rows * heads, total, dim))
+    return out.view(rows, heads, group, most, dim).permute(0, 3, 1, 2, 4).reshape(rows, most, query_heads, dim)

@@ -8,9 +8,9 @@ after writing this step's keys and values into the paged cache, so each request'
 its blocks (the cache holds them rotated at their own positions). Their grouped form depends only on the
 key and its position, so each layer keeps it beside vLLM's cache, in the same blocks and slots: a step
 rotates only its new keys (as in transformers; `keep_grouped_keys: false` rotates the gathered keys
-instead). The step's decoding requests go together through the paged decode kernel, which reads their
-blocks in place (a fixed count of operations per layer, whatever the batch); prefill chunks go one request
-at a time through the blockwise kernel, over their gathered keys.
+instead). The step's decoding requests go together through the paged kernel, which reads their blocks in
+place (a fixed count of operations per layer, whatever the batch), and so do its short prefill chunks;
+long prefill chunks go one request at a time through the blockwise kernel, over their gathered keys.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadataBuilder)
 
 from ..attention import KVLayout, grouped_key_count, resolve_backend, resolve_geometry
-from ..attention.paged import DecodePlan, decode_plan, paged_decode_attention
+from ..attention.paged import PagedPlan, paged_attention, paged_plan
 from ..rotary import GroupedRotation, rotate
 from .settings import SelfExtendVLLMError, engine_settings
 
@@ -103,18 +103,33 @@ def _step_slots(attn_metadata, block_size: int, rotation: GroupedRotation) -> St
     return found
 
 
-def _step_plan(attn_metadata, rows: list[int], kv_cache: torch.Tensor, rotation: GroupedRotation) -> DecodePlan:
-    """The decoding rows' block indices, built by the step's first SelfExtend layer and kept on the step's
+PAGED_QUERIES, PAGED_KEYS = 256, 4096  # prefill chunks up to this many queries over this many keys go paged
+
+
+@dataclass(frozen=True)
+class PagedRows:
+    """Rows read in place by `paged_attention`: its plan, and which of the step's tokens are their queries."""
+
+    plan: PagedPlan
+    tokens: torch.Tensor  # [rows, queries] the step's token index of each query (padding repeats the last)
+    real: torch.Tensor  # [rows, queries] which of them are not padding
+
+
+def _step_rows(attn_metadata, rows: list[int], kv_cache: torch.Tensor, rotation: GroupedRotation) -> PagedRows:
+    """The `PagedRows` of these rows, built by the step's first SelfExtend layer and kept on the step's
     metadata for the others (the same block table, lengths, cache shape and engine-wide G/W)."""
     n_blocks, heads, block_size = kv_cache.shape[:3]
     key = (tuple(rows), n_blocks, heads, block_size, rotation.group_size, rotation.window_size, rotation.offset)
-    found = getattr(attn_metadata, "_selfextend_decode", None)
-    if found is None or found[0] != key:
+    kept = attn_metadata.__dict__.setdefault("_selfextend_rows", {})
+    if key not in kept:
         index = torch.tensor(rows, device=kv_cache.device)
-        plan = decode_plan(attn_metadata.block_table[index], attn_metadata.seq_lens[index], n_blocks, block_size,
-                           heads, rotation)
-        found = attn_metadata._selfextend_decode = (key, plan)
-    return found[1]
+        starts = attn_metadata.query_start_loc[index].long()
+        counts = attn_metadata.query_start_loc[index + 1].long() - starts
+        step = torch.arange(int(counts.max()), device=kv_cache.device)[None, :]
+        plan = paged_plan(attn_metadata.block_table[index], attn_metadata.seq_lens[index], counts, n_blocks,
+                          block_size, heads, rotation)
+        kept[key] = PagedRows(plan, starts[:, None] + torch.minimum(step, counts[:, None] - 1), step < counts[:, None])
+    return kept[key]
 
 
 class SelfExtendCPUImpl(CPUAttentionBackendImpl):
@@ -164,10 +179,13 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         if len(extended) < len(lengths):  # the others: vLLM's own kernel (n <= W is plain attention)
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
-        decoding = [r for r in extended if starts[r + 1] - starts[r] == 1]
-        if decoding:
-            self._decode(query, kv_cache, grouped, attn_metadata, decoding, starts, output)
-        for r in sorted(set(extended) - set(decoding)):  # prefill chunks, one request at a time
+        counts = {r: starts[r + 1] - starts[r] for r in extended}
+        decoding = [r for r in extended if counts[r] == 1]
+        short = [r for r in extended if 1 < counts[r] <= PAGED_QUERIES and lengths[r] <= PAGED_KEYS]
+        for rows in (decoding, short):  # each group in one call: decode steps, and short chunks padded alike
+            if rows:
+                self._paged(query, kv_cache, grouped, attn_metadata, rows, output)
+        for r in sorted(set(extended) - set(decoding) - set(short)):  # long prefill chunks, one request at a time
             a, b, length = starts[r], starts[r + 1], lengths[r]
             blocks = attn_metadata.block_table[r]
             keys, values = gather_kv(kv_cache, blocks, length)
@@ -205,16 +223,16 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
                                                                    self.rotation.window_size)
         return self.kernel.selfextend(query, keys, values, geometry, self.rotation, self.scale, kept)
 
-    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, grouped: torch.Tensor | None, attn_metadata,
-                rows: list[int], starts: list[int], output: torch.Tensor) -> None:
-        """One new token for each of `rows`, all in one kernel call reading their keys in place from the blocks."""
-        plan = _step_plan(attn_metadata, rows, kv_cache, self.rotation)
+    def _paged(self, query: torch.Tensor, kv_cache: torch.Tensor, grouped: torch.Tensor | None, attn_metadata,
+               rows: list[int], output: torch.Tensor) -> None:
+        """The queries of `rows` in one kernel call, reading their keys in place from the blocks."""
+        found = _step_rows(attn_metadata, rows, kv_cache, self.rotation)
         if grouped is None:
-            self.keys_rotated += len(rows) * plan.heads * plan.total
-        tokens = torch.tensor([starts[r] for r in rows], device=query.device)
+            self.keys_rotated += len(rows) * found.plan.total
         keys, values = _halves(kv_cache)
-        output[tokens] = paged_decode_attention(query[tokens], keys.transpose(-1, -2), values, plan, self.rotation,
-                                                self.scale, grouped)
+        out = paged_attention(query[found.tokens], keys.transpose(-1, -2), values, found.plan, self.rotation,
+                              self.scale, grouped)
+        output[found.tokens[found.real]] = out[found.real]
 
 
 class SelfExtendMetadataBuilder(CPUAttentionMetadataBuilder):
