@@ -40,7 +40,7 @@ def _start(command: list[str], log: Path, seconds: float = 600) -> tuple[subproc
 def _one(url: str, model: str, prompt: list[int], max_tokens: int, out: list) -> None:
     started, first, count = time.perf_counter(), None, 0
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, "ignore_eos": True}  # every server does the same work
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=3600) as response:
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

@@ -129,6 +129,24 @@ def test_stop_sampling_and_seed(server):
     assert sampled[0] == sampled[1]  # same seed, same sample
 
 
+def test_ignore_eos_generates_max_tokens(server):
+    """vLLM's `ignore_eos`: an answer that ends at the end-of-sequence token goes on to max_tokens instead, the
+    same tokens first; without it the server stops there, as before."""
+    _, url = server
+    client = _client(url)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):  # random prompts until the greedy answer ends early (the second one does)
+        prompt = torch.randint(4, 56, (100,), generator=generator).tolist()
+        short = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0)
+        if short.usage.completion_tokens < 16:
+            break
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 16
+    full = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == 16 and full.choices[0].finish_reason == "length"
+    assert full.choices[0].text.startswith(short.choices[0].text)
+
+
 def test_follow_up_reuses_the_document_prefix(server, reference):
     _, url = server
     tokenizer, greedy = reference

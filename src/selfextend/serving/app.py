@@ -174,7 +174,8 @@ class _Handlers:
                                 f"you requested {n + wanted} ({n} in the prompt, {wanted} for the completion): "
                                 f"{fits}. ({error})", param="messages" if hasattr(body, "messages") else "prompt",
                            code="context_length_exceeded") from error
-        return Params(torch.tensor([ids]), wanted, chosen, body.temperature, body.top_p, body.seed, body.stops())
+        return Params(torch.tensor([ids]), wanted, chosen, body.temperature, body.top_p, body.seed, body.stops(),
+                      body.ignore_eos)
 
     def _submit(self, params: Params) -> Job:
         job = Job(params, asyncio.get_running_loop())

@@ -57,6 +57,7 @@ class Params:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -258,8 +259,9 @@ class Engine:
         stream = _Stream(job, text, on_first)
         if p.seed is not None:
             torch.manual_seed(p.seed)
-        new = answer(self.model, p.ids, cache, p.max_tokens, pad_id(self.tokenizer), stream,
-                     sampling(p.temperature, p.top_p), StoppingCriteriaList([_Halt(job, text)]))
+        options = sampling(p.temperature, p.top_p) | ({"eos_token_id": None} if p.ignore_eos else {})
+        new = answer(self.model, p.ids, cache, p.max_tokens, pad_id(self.tokenizer), stream, options,
+                     StoppingCriteriaList([_Halt(job, text)]))
         if job.cancelled.is_set():
             raise Cancelled
         rest = text.finish()
@@ -267,7 +269,7 @@ class Engine:
             job.emit("delta", rest)
         done = time.perf_counter()
         count = stream.count
-        ended_by_eos = count > 0 and int(new[count - 1]) in self._eos
+        ended_by_eos = count > 0 and int(new[count - 1]) in self._eos and not p.ignore_eos
         finish = "stop" if text.stopped or ended_by_eos or count < p.max_tokens else "length"
         metrics.generation_tokens.inc(count)
         prefill_seconds, decode_seconds = prefilled - started, done - (first[0] or prefilled)

@@ -53,6 +53,7 @@ class Sampling(Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logprobs: bool | int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end-of-sequence token
 
     # OpenAI's fields this server cannot honour: field -> (the values that ask for nothing, what to call it)
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]] = {
