@@ -6,7 +6,8 @@ entry point) over a saved model, greedy tokens and their log-probabilities for a
 REQUEST: {"engine": {LLM keyword arguments}, "rounds": [[prompt token ids, ...], ...], "max_tokens": N}.
 Each round is one `generate` call (its prompts run concurrently, continuously batched); rounds run one after
 another on the same engine, so a later round can hit the prefix cache of an earlier one. OUT: {"rounds":
-[[{"tokens", "logprobs", "cached"}, ...], ...], "keys_rotated": [per SelfExtend layer, keys it rotated]}.
+[[{"tokens", "logprobs", "cached"}, ...], ...], "keys_rotated": [per SelfExtend layer, keys it rotated],
+"preemptions": requests preempted (null unless the engine logs stats)}.
 """
 
 import json
@@ -23,6 +24,13 @@ def keys_rotated(model) -> list[int]:
             if hasattr(getattr(module, "impl", None), "keys_rotated")]
 
 
+def preemptions(llm) -> int | None:
+    """Requests the scheduler preempted (their blocks freed, recomputed later); None without stats logging."""
+    if llm.llm_engine.log_stats is False:
+        return None
+    return int(sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"))
+
+
 def main(request_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
@@ -36,7 +44,8 @@ def main(request_path: str, out_path: str) -> None:
                         "logprobs": [step[token].logprob for step, token in zip(o.outputs[0].logprobs,
                                                                                 o.outputs[0].token_ids)],
                         "cached": o.num_cached_tokens or 0} for o in outputs])
-    json.dump({"rounds": rounds, "keys_rotated": llm.apply_model(keys_rotated)[0]}, open(out_path, "w"))
+    json.dump({"rounds": rounds, "keys_rotated": llm.apply_model(keys_rotated)[0], "preemptions": preemptions(llm)},
+              open(out_path, "w"))
 
 
 if __name__ == "__main__":

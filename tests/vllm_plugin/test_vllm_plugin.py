@@ -113,6 +113,21 @@ def test_selfextend_past_the_training_length_batched_chunked_and_from_the_prefix
         _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
 
 
+def test_preempted_requests_are_recomputed_exactly(tmp_path):
+    """A KV cache of 8 blocks of 32 tokens for four requests needing 4-5 each: the scheduler preempts running
+    requests, frees their blocks for others and recomputes them later. Blocks change hands, and the kept
+    grouped keys with them: the tokens stay the reference's."""
+    folder = _llama(tmp_path)
+    prompts = _prompts([150, 130, 110, 90], seed=7)
+    engine = {"model": folder, "max_model_len": 200, "hf_overrides": {"max_position_embeddings": 200},
+              "additional_config": {"selfextend": {"group_size": 4, "window_size": 16}},
+              "block_size": 32, "num_gpu_blocks_override": 8, "disable_log_stats": False}
+    run = _vllm_run(tmp_path, engine, [prompts], max_tokens=8)
+    assert run["preemptions"] > 0
+    for prompt, got in zip(prompts, run["rounds"][0]):
+        _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
+
+
 def test_string_and_the_settings_a_saved_model_keeps(tmp_path):
     """STRING (S = 21, w = 10 at L = 64) from config.json's `selfextend` entry, written by apply +
     save_pretrained: no --additional-config needed."""
