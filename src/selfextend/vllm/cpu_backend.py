@@ -2,10 +2,10 @@
 
 The one module that depends on vLLM's internals (tested on vLLM 0.32.0: `TESTED_VLLM`). A layer gets
 SelfExtend when the engine's settings ask for it and the layer is a full-attention decoder layer; a
-request goes to the project's blockwise kernel when its keys reach past the neighbor window W, otherwise
-to vLLM's own kernel, unchanged. vLLM hands `forward` the queries already rotated at their positions,
-after writing this step's keys and values into the paged cache, so each request's keys are gathered from
-its blocks (the cache holds them rotated at their own positions). Their grouped form depends only on the
+request goes to the project's kernels when its keys reach past the neighbor window W, otherwise to vLLM's
+own kernel, unchanged. vLLM hands `forward` the queries already rotated at their positions, after writing
+this step's keys and values into the paged cache, so each request's keys are read from its blocks (the
+cache holds them rotated at their own positions). Their grouped form depends only on the
 key and its position, so each layer keeps it beside vLLM's cache, in the same blocks and slots: a step
 rotates only its new keys (as in transformers; `keep_grouped_keys: false` rotates the gathered keys
 instead). The step's decoding requests go together through the paged kernel, which reads their blocks in
