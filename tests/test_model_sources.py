@@ -38,3 +38,26 @@ def test_a_converted_cache_is_preferred_to_the_gguf(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: pytest.fail("the package was looked up"))
     source = models.resolve("smollm2")
     assert (source.name_or_path, source.gguf_file, source.cache_to) == (str(cached), None, None)
+
+
+def test_a_converted_checkpoint_is_a_plain_one(tmp_path):
+    """The cache a GGUF is converted into: the config names the architecture and a tied head is stored once,
+    under the embedding's name (what vLLM's loaders expect); it loads back to the same model."""
+    import safetensors
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    tokenizer = models.load_tokenizer(models.resolve("testbed"))
+    models.save_converted(model, tokenizer, tmp_path / "converted")
+    with safetensors.safe_open(tmp_path / "converted" / "model.safetensors", "pt") as stored:
+        names = set(stored.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "converted").architectures == ["LlamaForCausalLM"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "converted").eval()
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -161,19 +161,29 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32",
             **source.kwargs(),
         )
     if source.cache_to is not None:
-        _save_converted(model, source)
+        save_converted(model, load_tokenizer(source), source.cache_to)
     return compress(model.to(device=device, dtype=torch_dtype).eval(), weights)
 
 
-def _save_converted(model: transformers.PreTrainedModel, source: ModelSource) -> None:
-    """Write the converted model beside, then move it into place, so a cut-off save leaves no half cache."""
-    partial = source.cache_to.with_name(source.cache_to.name + ".partial")
+def save_converted(model: transformers.PreTrainedModel, tokenizer, folder: Path) -> None:
+    """Write a converted model as a plain checkpoint other loaders read too (vLLM among them): the config
+    names its architecture, and weights tied to the input embedding are stored once, under the embedding's
+    name, as Hugging Face stores them. Written beside, then moved into place, so a cut-off save leaves no half
+    cache."""
+    partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     config = copy.deepcopy(model.config)  # the dequantized weights are plain tensors: drop the GGUF marker
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]
     config.save_pretrained(partial)
-    safetensors.torch.save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
-    load_tokenizer(source).save_pretrained(partial)
-    partial.rename(source.cache_to)
+    weights, seen = {}, set()
+    for name, tensor in model.state_dict().items():  # the embedding comes before the head it is tied to
+        shared = (tensor.data_ptr(), tensor.shape)
+        if tensor.numel() == 0 or shared not in seen:
+            seen.add(shared)
+            weights[name] = tensor.contiguous()
+    safetensors.torch.save_file(weights, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)

@@ -58,7 +58,7 @@ def _vllm_run(tmp_path: Path, engine: dict, rounds: list[list[list[int]]], max_t
     done = subprocess.run([sys.executable, str(HELPER), str(request), str(out)], capture_output=True, text=True,
                           timeout=600, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "log": done.stdout + done.stderr}
 
 
 def _vllm_refuses(tmp_path: Path, engine: dict) -> str:
@@ -105,6 +105,7 @@ def test_selfextend_past_the_training_length_batched_chunked_and_from_the_prefix
               "additional_config": {"selfextend": {"group_size": 4, "window_size": 16}},
               "max_num_batched_tokens": 48, "block_size": 32, "enable_prefix_caching": True}
     run = _vllm_run(tmp_path, engine, [first, second])
+    assert run["log"].count("SelfExtend (additional_config): G=4, W=16,") == 1  # said once, at start-up
     rounds = run["rounds"]
     assert rounds[1][0]["cached"] >= 128  # whole blocks of the shared prefix came from the cache
     computed = _tokens_computed(first + second, rounds[0] + rounds[1], 8)

@@ -29,7 +29,7 @@ from ..attention.paged import PagedPlan, paged_attention, paged_plan
 from ..rotary import GroupedRotation, rotate
 from .settings import SelfExtendVLLMError, engine_settings
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.selfextend")  # under "vllm", whose handlers vLLM configures
 READABLE_LAYOUTS = ("vec", "vec16")  # KV-cache layouts whose keys this module reads (K transposed per block)
 
 

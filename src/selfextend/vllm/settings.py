@@ -9,6 +9,7 @@ request must see the same map. Anything that cannot run exactly is refused here,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import transformers
@@ -94,7 +95,17 @@ def engine_settings(vllm_config) -> EngineSettings | None:
         raise SelfExtendVLLMError(f"max_model_len {max_len} is past the model's RoPE table ({table} positions): "
                                   f"add --hf-overrides '{{\"max_position_embeddings\": {max_len}}}' (it sizes the "
                                   "table; the frequencies stay the model's)")
+    _announce(f"SelfExtend ({where}): {settings.describe()}, reads up to {settings.max_length} tokens; "
+              f"max_model_len {max_len}, trained on {train}; grouped keys {'kept' if keep else 'rotated each step'}")
     return EngineSettings(settings, frequencies, keep)
+
+
+@functools.cache
+def _announce(line: str) -> None:
+    """Say once per process what the engine runs with (every layer asks at start-up)."""
+    from vllm.logger import init_logger
+
+    init_logger("vllm.selfextend").info(line)  # under "vllm", whose handlers vLLM configures
 
 
 def original_config(vllm_config) -> transformers.PretrainedConfig:
