@@ -39,8 +39,8 @@ def main() -> None:
     ids = tokenizer(f"{sample.text.strip()}\n\n{sample.question}").input_ids
     length = len(ids) + args.new_tokens
     if "architectures" not in json.loads((Path(folder) / "config.json").read_text()):
-        raise SystemExit(f"{folder} was converted by an older selfextend, in a form vLLM misreads (no architecture, "
-                         "the tied embedding stored as lm_head): delete it and convert again")
+        raise SystemExit(f"{folder} was converted by an older selfextend, in a form vLLM cannot read (no "
+                         "architecture, the tied embedding stored as lm_head): delete it and convert again")
     # the shipped profile the main job plans against (found there by the loaded model's identity)
     effective = next(p.effective_length for p in map(load_profile, sorted(SHIPPED.glob("*.json")))
                      if p.model == models.DEFAULT_MODEL)
