@@ -28,6 +28,11 @@ time selfextend eval passkey $m --lengths 16k --depths 0.25,0.5,0.75 --out "$out
 time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --samples 2 --out "$out/passkey" \
   --methods selfextend
 time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/niah" --methods selfextend
-# 32K (not run yet: about 4x a 16K cell each): planned, the floor, the best hand-picked, vanilla
+# perplexity at 32K: planned, the floor, the best hand-picked at 16K that stays inside L at 32K, vanilla
 time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" \
   --methods selfextend,truncated,selfextend:G=8,W=2048,vanilla
+# not run yet (about 4x a 16K cell each): retrieval at 32K with the hand-picked G/W, second niah keys,
+# yarn and dynamic at 32K
+#   selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods selfextend:G=8,W=2048
+#   selfextend eval niah $m --lengths 16k,32k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" --methods selfextend
+#   selfextend eval perplexity $m --lengths 32k --out "$out/ppl" --methods yarn,dynamic
