@@ -31,8 +31,9 @@ time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/ni
 # perplexity at 32K: planned, the floor, the best hand-picked at 16K that stays inside L at 32K, vanilla
 time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" \
   --methods selfextend,truncated,selfextend:G=8,W=2048,vanilla
-# not run yet (about 4x a 16K cell each): retrieval at 32K with the hand-picked G/W, second niah keys,
-# yarn and dynamic at 32K
-#   selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods selfextend:G=8,W=2048
+# the passkey at 32K with that hand-picked G/W, one key x 3 depths
+time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods selfextend:G=8,W=2048
+# not run yet (about 4x a 16K cell each): second niah keys, the hand-picked G/W's second passkey and niah at
+# 32K, yarn and dynamic at 32K
 #   selfextend eval niah $m --lengths 16k,32k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" --methods selfextend
 #   selfextend eval perplexity $m --lengths 32k --out "$out/ppl" --methods yarn,dynamic
