@@ -335,7 +335,7 @@ def test_the_paged_cache_read_in_place_and_gathered():
     for kept in (grouped, None):
         out = paged_attention(query[found.tokens], k_half.transpose(-1, -2), v_half, found.plan, rotation, 0.2, kept)
         got = torch.empty_like(query)
-        got[found.tokens[found.real]] = out[found.real]
+        got[found.tokens[found.plan.real]] = out[found.plan.real]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -32,6 +32,8 @@ class PagedPlan:
     """
 
     heads: int  # key/value heads
+    steps: torch.Tensor  # [rows, queries] which of its row's queries each is (padding repeats the last)
+    real: torch.Tensor  # [rows, queries] which are not padding
     block_size: int
     all_blocks: torch.Tensor  # [rows·heads·count] (block, head) index of every block a row uses, in order
     window_blocks: torch.Tensor  # [rows·heads·span] the same for the blocks holding keys within W of its queries
@@ -66,18 +68,19 @@ def paged_plan(block_table: torch.Tensor, lengths: torch.Tensor, queries: torch.
     first = ((lengths - queries - window + 1).clamp_min(0) // block_size).clamp_max(count - span)
     window_index = first[:, None] + torch.arange(span, device=device)
     columns = (window_index[:, :, None] * block_size + torch.arange(block_size, device=device)).flatten(1)
-    step = torch.minimum(torch.arange(most, device=device)[None, :], queries[:, None] - 1)
+    query_index = torch.arange(most, device=device)[None, :]
+    step = torch.minimum(query_index, queries[:, None] - 1)
     position = (lengths - queries)[:, None] + step  # [rows, queries]; padding repeats the last query
     near = (columns[:, None, :] <= position[..., None]) & (position[..., None] - columns[:, None, :] < window)
     cos, sin = rotation.angles(position, "query", device)
-    past = torch.arange(total, device=device)[None, :] >= lengths[:, None]
-    row, column = past.nonzero(as_tuple=True)
+    key_index = torch.arange(total, device=device)
+    row, column = (key_index[None, :] >= lengths[:, None]).nonzero(as_tuple=True)  # past each row's length
     return PagedPlan(
-        heads=heads, block_size=block_size,
+        heads=heads, steps=step, real=query_index < queries[:, None], block_size=block_size,
         all_blocks=flat(block_table[:, :count]),
         window_blocks=flat(block_table.gather(1, window_index.to(block_table.dtype))),
         window_columns=torch.where(near, columns[:, None, :], total),
-        hidden=torch.arange(total, device=device)[None, None, :] > position[..., None],
+        hidden=key_index[None, None, :] > position[..., None],
         hidden_values=((row[:, None] * heads + head) * total + column[:, None]).flatten(),
         query_angles=(cos, sin),
     )

@@ -112,7 +112,6 @@ class PagedRows:
 
     plan: PagedPlan
     tokens: torch.Tensor  # [rows, queries] the step's token index of each query (padding repeats the last)
-    real: torch.Tensor  # [rows, queries] which of them are not padding
 
 
 def _step_rows(attn_metadata, rows: list[int], kv_cache: torch.Tensor, rotation: GroupedRotation) -> PagedRows:
@@ -125,10 +124,9 @@ def _step_rows(attn_metadata, rows: list[int], kv_cache: torch.Tensor, rotation:
         index = torch.tensor(rows, device=kv_cache.device)
         starts = attn_metadata.query_start_loc[index].long()
         counts = attn_metadata.query_start_loc[index + 1].long() - starts
-        step = torch.arange(int(counts.max()), device=kv_cache.device)[None, :]
         plan = paged_plan(attn_metadata.block_table[index], attn_metadata.seq_lens[index], counts, n_blocks,
                           block_size, heads, rotation)
-        kept[key] = PagedRows(plan, starts[:, None] + torch.minimum(step, counts[:, None] - 1), step < counts[:, None])
+        kept[key] = PagedRows(plan, starts[:, None] + plan.steps)
     return kept[key]
 
 
@@ -232,7 +230,8 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         keys, values = _halves(kv_cache)
         out = paged_attention(query[found.tokens], keys.transpose(-1, -2), values, found.plan, self.rotation,
                               self.scale, grouped)
-        output[found.tokens[found.real]] = out[found.real]
+        real = found.plan.real
+        output[found.tokens[real]] = out[real]
 
 
 class SelfExtendMetadataBuilder(CPUAttentionMetadataBuilder):
