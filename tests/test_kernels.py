@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from selfextend.attention import blockwise, paged
+from selfextend.attention import blockwise, paged, paged_native
 from selfextend.attention.layout import KVLayout, resolve_geometry
 from selfextend.attention.merge import merge_states
 from selfextend.attention.reference import reference_attention
@@ -210,3 +210,69 @@ def test_paged_attention_matches_oracle(lengths, queries, G, W, transposed, kept
         geometry = resolve_geometry(KVLayout(q_offset=n - q, kv_offset=0), None, 1, q, n, torch.device("cpu"))
         expected = reference_attention(query[r:r + 1, :q].transpose(1, 2), k, v, geometry, rotation, 0.3)
         torch.testing.assert_close(got[r, :q], expected[0], atol=1e-5, rtol=1e-5)
+
+
+def _kept(keys, table, lengths, block_size, rotation):
+    """The grouped form of every written key, in its slot (other slots NaN), stored like `keys`."""
+    grouped = torch.full(keys.shape, float("nan")).transpose(-1, -2).contiguous().transpose(-1, -2)
+    for r, n in enumerate(lengths):
+        for b, block in enumerate(table[r, :-(-n // block_size)].tolist()):
+            positions = torch.arange(b * block_size, (b + 1) * block_size)[None]
+            grouped[block] = rotation(keys[block][None], positions, "key")[0]
+    return grouped
+
+
+@pytest.mark.parametrize("lengths, queries", [([70, 33, 5, 64], [1, 1, 1, 1]), ([70, 33, 5, 64], [9, 1, 5, 2]),
+                                              ([41], [12]), ([1300, 7, 600], [3, 1, 2])])
+@pytest.mark.parametrize("G, W", [(4, 8), (3, 10), (1, 6), (5, 40), (16, 700)])
+@pytest.mark.parametrize("kept", [False, True])
+def test_native_paged_attention_matches_oracle(lengths, queries, G, W, kept):
+    """The C kernel on rows laid out as an engine's step (queries token after token, unwritten slots NaN,
+    keys stored transposed), rows of more than one 512-key chunk merged, against the oracle per row; other
+    tokens' outputs are left untouched."""
+    rotation, block_size = _rotation(G, W), 8
+    n_blocks = sum(-(-n // block_size) for n in lengths) + 4
+    rows, keys, values, table = _paged(lengths, block_size, n_blocks, True)
+    grouped = _kept(keys, table, lengths, block_size, rotation) if kept else None
+    starts = torch.tensor([0, *queries]).cumsum(0)
+    query = torch.randn(int(starts[-1]) + 2, 4, 16)  # two tokens past the rows: not theirs, left as they are
+    output = torch.full_like(query, 7.0)
+    picked = torch.tensor([r for r in range(len(lengths)) if r != 1])  # row 1 is not asked for
+    step = paged_native.native_step(table, torch.tensor(lengths), starts, picked, rotation)
+    rotated = paged_native.native_paged_attention(query, output, keys.transpose(-1, -2), values, step, 0.3,
+                                                  None if grouped is None else grouped.transpose(-1, -2))
+    for r in picked.tolist():
+        n, q, (k, v) = lengths[r], queries[r], rows[r]
+        a, b = int(starts[r]), int(starts[r + 1])
+        geometry = resolve_geometry(KVLayout(q_offset=n - q, kv_offset=0), None, 1, q, n, torch.device("cpu"))
+        expected = reference_attention(query[None, a:b].transpose(1, 2), k, v, geometry, rotation, 0.3)
+        torch.testing.assert_close(output[a:b], expected[0], atol=1e-5, rtol=1e-5)
+    untouched = torch.ones(len(output), dtype=torch.bool)
+    for r in picked.tolist():
+        untouched[int(starts[r]):int(starts[r + 1])] = False
+    assert bool((output[untouched] == 7.0).all())
+    if kept:
+        assert rotated == 0
+    else:  # each far key of a chunk it reads: at least one per far (query, key head) pair
+        assert rotated > 0 or all(n <= W for n in lengths)
+
+
+def test_native_grouped_keys_written_at_their_slots():
+    """A step's new keys (two requests, one padding token) land at their slots in grouped form, exactly as the
+    torch rotation gives them; other slots keep what they held."""
+    rotation, block_size, heads, dim = _rotation(4, 8), 8, 2, 16
+    grouped = torch.full((10, heads, dim, block_size), float("nan"))
+    lengths = torch.tensor([21, 6])
+    starts = torch.tensor([0, 3, 9])
+    key = torch.randn(10, heads, dim)
+    slots = torch.tensor([5 * 8 + 2, 5 * 8 + 3, 5 * 8 + 4, 1 * 8 + 0, 1 * 8 + 1, 1 * 8 + 2, -1, 1 * 8 + 4, 1 * 8 + 5,
+                          0])
+    step = paged_native.native_step(torch.zeros(2, 1), lengths, starts, torch.tensor([]), rotation, slots)
+    written = paged_native.write_grouped_keys(key, step, grouped)
+    assert written == 8
+    positions = torch.tensor([18, 19, 20, 0, 1, 2, 3, 4, 5])
+    for t in range(9):
+        if slots[t] >= 0:
+            expected = rotation(key[t, :, None][None], positions[t].view(1, 1), "key")[0, :, 0]
+            torch.testing.assert_close(grouped[slots[t] // 8, :, :, slots[t] % 8], expected, atol=0, rtol=0)
+    assert int(grouped.isnan().sum()) == (10 * block_size - 8) * heads * dim

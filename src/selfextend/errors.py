@@ -11,3 +11,7 @@ class InputTooLongError(ValueError):
 
 class CommandError(Exception):
     """A problem with the user's input to the command line or the server, printed without a traceback."""
+
+
+class NativeBuildError(RuntimeError):
+    """A fused C kernel could not be built (no compiler, or it failed); the message says which."""

@@ -21,6 +21,8 @@ import safetensors.torch
 import torch
 import transformers
 
+from .paths import cache_home
+
 DEFAULT_MODEL = "gemma3-270m"
 SMOLLM2 = "smollm2"
 TESTBED = "testbed"  # the tiny passkey model this project trains (scripts/train_testbed.py)
@@ -40,10 +42,6 @@ class ModelSource:
 
     def kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {"local_files_only": True}
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("SELFEXTEND_HOME", Path.home() / ".cache" / "selfextend"))
 
 
 def _gemma_gguf() -> Path:

@@ -72,7 +72,8 @@ class GroupedRotation:
             return grouped_query_position(positions, self.group_size, self.window_size, self.offset) - positions
         return grouped_key_position(positions, self.group_size) - positions
 
-    def _table(self, kind: str, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def table(self, kind: str, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [≥ size, d/2] by position, moving a `kind` vector rotated there to its grouped position."""
         inv_freq = self.inv_freq
         if self._inv_freq is None or not torch.equal(self._inv_freq, inv_freq.to(self._inv_freq.device)):
             self._tables, self._inv_freq = {}, inv_freq.clone()
@@ -90,10 +91,10 @@ class GroupedRotation:
         n = positions.shape[1]
         if positions.shape[0] == 1 and int(first[0]) >= 0:  # one row: a view into the table
             start = int(first[0])
-            cos, sin = self._table(kind, start + n, device)
+            cos, sin = self.table(kind, start + n, device)
             return cos[start:start + n][None], sin[start:start + n][None]
         index = positions.clamp_min(0).to(device)  # padded positions (< 0) are masked later: any angle will do
-        cos, sin = self._table(kind, int(index.max()) + 1, device)
+        cos, sin = self.table(kind, int(index.max()) + 1, device)
         return cos[index], sin[index]
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str) -> torch.Tensor:

@@ -7,7 +7,8 @@ REQUEST: {"engine": {LLM keyword arguments}, "rounds": [[prompt token ids, ...],
 Each round is one `generate` call (its prompts run concurrently, continuously batched); rounds run one after
 another on the same engine, so a later round can hit the prefix cache of an earlier one. OUT: {"rounds":
 [[{"tokens", "logprobs", "cached"}, ...], ...], "keys_rotated": [per SelfExtend layer, keys it rotated],
-"preemptions": requests preempted (null unless the engine logs stats)}.
+"native_calls": [per SelfExtend layer, calls that took the native paged kernel], "preemptions": requests
+preempted (null unless the engine logs stats)}.
 """
 
 import json
@@ -18,10 +19,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine and worker in this process: 5 s to start
 
 
-def keys_rotated(model) -> list[int]:
-    """How many keys each SelfExtend layer rotated to grouped positions (sliding and plain layers have no count)."""
-    return [module.impl.keys_rotated for module in model.modules()
-            if hasattr(getattr(module, "impl", None), "keys_rotated")]
+def counts(model) -> dict[str, list[int]]:
+    """Per SelfExtend layer (sliding and plain layers have no counts): keys it rotated to grouped positions, and
+    calls that took the native paged kernel."""
+    impls = [module.impl for module in model.modules() if hasattr(getattr(module, "impl", None), "keys_rotated")]
+    return {"keys_rotated": [impl.keys_rotated for impl in impls], "native_calls": [impl.native_calls for impl in impls]}
 
 
 def preemptions(llm) -> int | None:
@@ -44,8 +46,7 @@ def main(request_path: str, out_path: str) -> None:
                         "logprobs": [step[token].logprob for step, token in zip(o.outputs[0].logprobs,
                                                                                 o.outputs[0].token_ids)],
                         "cached": o.num_cached_tokens or 0} for o in outputs])
-    json.dump({"rounds": rounds, "keys_rotated": llm.apply_model(keys_rotated)[0], "preemptions": preemptions(llm)},
-              open(out_path, "w"))
+    json.dump({"rounds": rounds, **llm.apply_model(counts)[0], "preemptions": preemptions(llm)}, open(out_path, "w"))
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ def test_selfextend_past_the_training_length_batched_chunked_and_from_the_prefix
     assert rounds[1][0]["cached"] >= 128  # whole blocks of the shared prefix came from the cache
     computed = _tokens_computed(first + second, rounds[0] + rounds[1], 8)
     assert run["keys_rotated"] == [computed] * SHAPE["num_hidden_layers"]
+    assert min(run["native_calls"]) > 0  # every layer's decode steps took the native paged kernel
     for prompt, got in zip(first + second, rounds[0] + rounds[1]):
         _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
 
@@ -129,14 +130,18 @@ def test_preempted_requests_are_recomputed_exactly(tmp_path):
         _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
 
 
-def test_string_and_the_settings_a_saved_model_keeps(tmp_path):
+def test_string_and_the_settings_a_saved_model_keeps_without_a_c_compiler(tmp_path):
     """STRING (S = 21, w = 10 at L = 64) from config.json's `selfextend` entry, written by apply +
-    save_pretrained: no --additional-config needed."""
+    save_pretrained: no --additional-config needed. With no C compiler, the native kernel cannot be built:
+    the engine says so once and runs the torch paged kernel, with the same tokens."""
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE))
     folder = _save(tmp_path, "string", selfextend.apply(model, method="string"))
     prompts = _prompts([56, 30, 12], seed=2)
-    rounds = _vllm(tmp_path, {"model": folder, "max_model_len": 64}, [prompts])
+    run = _vllm_run(tmp_path, {"model": folder, "max_model_len": 64}, [prompts], env={"CC": "/no/such/cc"})
+    assert run["log"].count("run the torch paged kernel") == 1 and "no C compiler ('/no/such/cc')" in run["log"]
+    assert run["native_calls"] == [0] * SHAPE["num_hidden_layers"]
+    rounds = run["rounds"]
     for prompt, got in zip(prompts, rounds[0]):
         _assert_same(got, _reference(folder, prompt, 8, method="string"))
 
@@ -291,11 +296,13 @@ def _vllm_cpu_cache(keys: torch.Tensor, values: torch.Tensor, table: torch.Tenso
 
 def test_the_paged_cache_read_in_place_and_gathered():
     """A request's keys and values gathered from vLLM's CPU layout come out in order; a step's rows read in
-    place (two decoding, one a 3-token chunk) give what the blockwise kernel gives over those gathered keys,
-    with the grouped keys kept or not."""
+    place (two decoding, one a 3-token chunk), by the torch paged kernel and by the native one, give what the
+    blockwise kernel gives over those gathered keys, with the grouped keys kept (stored as the keys, by the
+    native writer) or not."""
     from selfextend.attention import KVLayout, resolve_backend, resolve_geometry
     from selfextend.rotary import GroupedRotation, rope_from_config
-    from selfextend.vllm.cpu_backend import _halves, _step_rows, gather_grouped, gather_kv, paged_attention
+    from selfextend.vllm.cpu_backend import (_halves, _step_rows, gather_grouped, gather_kv, native_paged_attention,
+                                             native_step, paged_attention, write_grouped_keys)
 
     n_blocks, heads, block_size, dim = 12, 2, 4, 32
     lengths, counts = [10, 17, 3], [1, 3, 1]
@@ -305,11 +312,19 @@ def test_the_paged_cache_read_in_place_and_gathered():
     cache = _vllm_cpu_cache(keys, values, table, lengths, n_blocks, block_size)
     rope = rope_from_config(transformers.LlamaConfig(**SHAPE))
     rotation = GroupedRotation(2, 5, rope)
-    grouped = torch.full((n_blocks, heads, block_size, dim), float("nan"))  # kept: [block, slot, d] per head
+    grouped = torch.full((n_blocks, heads, dim, block_size), float("nan"))  # kept: [d, slot] per block and head
     for r, length in enumerate(lengths):
         rotated = rotation(keys[r:r + 1], torch.arange(17)[None], "key")[0]
         for s in range(length):
-            grouped[int(table[r, s // block_size]), :, s % block_size] = rotated[:, s]
+            grouped[int(table[r, s // block_size]), :, :, s % block_size] = rotated[:, s]
+    written = torch.full_like(grouped, float("nan"))  # the same, by the native writer (one step of three prefills)
+    slots = torch.cat([table[r, torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
+                       for r, n in enumerate(lengths)])
+    prefill = native_step(table, torch.tensor(lengths), torch.tensor([0, *lengths]).cumsum(0), torch.tensor([0, 1, 2]),
+                          rotation, slots)
+    assert write_grouped_keys(torch.cat([keys[r, :, :n].transpose(0, 1) for r, n in enumerate(lengths)]), prefill,
+                              written) == 30
+    torch.testing.assert_close(written, grouped, rtol=0, atol=0, equal_nan=True)
 
     kernel, query = resolve_backend("blockwise", torch.device("cpu")), torch.randn(sum(counts), 4, dim)
     starts = [0, 1, 4, 5]
@@ -333,10 +348,15 @@ def test_the_paged_cache_read_in_place_and_gathered():
     assert found.tokens.tolist() == [[0, 0, 0], [1, 2, 3], [4, 4, 4]]  # the 3-token chunk; the others padded
     k_half, v_half = _halves(cache)
     for kept in (grouped, None):
-        out = paged_attention(query[found.tokens], k_half.transpose(-1, -2), v_half, found.plan, rotation, 0.2, kept)
+        out = paged_attention(query[found.tokens], k_half.transpose(-1, -2), v_half, found.plan, rotation, 0.2,
+                              None if kept is None else kept.transpose(-1, -2))
         got = torch.empty_like(query)
         got[found.tokens[found.plan.real]] = out[found.plan.real]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        native = torch.empty_like(query)
+        step = native_step(table, metadata.seq_lens, metadata.query_start_loc, torch.tensor([0, 1, 2]), rotation)
+        native_paged_attention(query, native, k_half, v_half, step, 0.2, kept)
+        torch.testing.assert_close(native, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_each_new_token_at_its_absolute_position():

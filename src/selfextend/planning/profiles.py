@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import training_length
 from ..identity import model_identity
-from ..models import cache_home
+from ..paths import cache_home
 
 FORMAT = "selfextend-profile/1"
 SHIPPED = Path(__file__).parent / "profiles"

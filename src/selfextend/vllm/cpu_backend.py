@@ -8,13 +8,16 @@ this step's keys and values into the paged cache, so each request's keys are rea
 cache holds them rotated at their own positions). Their grouped form depends only on the
 key and its position, so each layer keeps it beside vLLM's cache, in the same blocks and slots: a step
 rotates only its new keys (as in transformers; `keep_grouped_keys: false` rotates the gathered keys
-instead). The step's decoding requests go together through the paged kernel, which reads their blocks in
-place (a fixed count of operations per layer, whatever the batch), and so do its short prefill chunks;
-long prefill chunks go one request at a time through the blockwise kernel, over their gathered keys.
+instead). The step's decoding requests and short prefill chunks go together through one call of the
+native paged kernel (`attention/paged_native.c`, float32), which reads their blocks in place and writes
+their outputs; without it (another dtype, or no C compiler: said once at start-up) through the torch paged
+kernel, a fixed count of operations per layer. Long prefill chunks go one request at a time through the
+blockwise kernel, over their gathered keys.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +29,8 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from ..attention import KVLayout, grouped_key_count, resolve_backend, resolve_geometry
 from ..attention.paged import PagedPlan, paged_attention, paged_plan
+from ..attention.paged_native import NativeStep, library, native_paged_attention, native_step, write_grouped_keys
+from ..errors import NativeBuildError
 from ..rotary import GroupedRotation, rotate
 from .settings import SelfExtendVLLMError, engine_settings
 
@@ -44,9 +49,9 @@ def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tupl
 
 def gather_grouped(grouped: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
     """Kept grouped keys [1, kv_heads, length, head_dim] of one request, from its cache blocks (in order)."""
-    heads, block_size, dim = grouped.shape[1:]
+    heads, dim, block_size = grouped.shape[1:]
     used = blocks[:-(-length // block_size)].long()[None]
-    return _block_rows(grouped, used).reshape(1, heads, -1, dim)[:, :, :length]
+    return _transposed_rows(grouped, used).reshape(1, heads, -1, dim)[:, :, :length]
 
 
 def _halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,9 +69,15 @@ def _block_rows(per_block: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return picked.view(*blocks.shape, *picked.shape[1:]).transpose(1, 2)
 
 
+def _transposed_rows(per_block: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Vectors stored transposed per block [n_blocks, heads, head_dim, block_size] at blocks [rows, n], as
+    [rows, heads, n, block_size, head_dim] (a view of one copy)."""
+    return _block_rows(per_block, blocks).transpose(-1, -2)
+
+
 def _key_rows(kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """The keys of blocks [rows, n] as [rows, heads, n, block_size, head_dim] (a view of one copy)."""
-    return _block_rows(_halves(kv_cache)[0], blocks).transpose(-1, -2)
+    return _transposed_rows(_halves(kv_cache)[0], blocks)
 
 
 def token_positions(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -104,6 +115,53 @@ def _step_slots(attn_metadata, block_size: int, rotation: GroupedRotation) -> St
 
 
 PAGED_QUERIES, PAGED_KEYS = 256, 4096  # prefill chunks up to this many queries over this many keys go paged
+
+
+@dataclass(frozen=True)
+class StepRoute:
+    """Which of a step's requests go where, alike for every SelfExtend layer of the step."""
+
+    plain: bool  # some requests have n <= W: vLLM's own kernel (plain attention)
+    decoding: list[int]  # one query each, past W: the paged kernel
+    short: list[int]  # short prefill chunks past W: the paged kernel
+    long: list[int]  # long prefill chunks: the blockwise kernel, one at a time
+    native: NativeStep | None  # the native kernels' view of the step (None: they do not run here)
+
+
+def _step_route(attn_metadata, rotation: GroupedRotation, native: bool) -> StepRoute:
+    """The step's `StepRoute`, built by its first SelfExtend layer and kept on its metadata for the others."""
+    found = getattr(attn_metadata, "_selfextend_route", None)
+    if found is None:
+        starts, lengths = attn_metadata.query_start_loc.tolist(), attn_metadata.seq_lens.tolist()
+        extended = [r for r, n in enumerate(lengths) if n > rotation.window_size]  # some pair at distance >= W
+        counts = {r: starts[r + 1] - starts[r] for r in extended}
+        decoding = [r for r in extended if counts[r] == 1]
+        short = [r for r in extended if 1 < counts[r] <= PAGED_QUERIES and lengths[r] <= PAGED_KEYS]
+        long = sorted(set(extended) - set(decoding) - set(short))
+        step = None
+        if native:
+            step = native_step(attn_metadata.block_table, attn_metadata.seq_lens, attn_metadata.query_start_loc,
+                               torch.tensor(decoding + short), rotation,
+                               attn_metadata.slot_mapping[:attn_metadata.num_actual_tokens])
+        found = StepRoute(len(extended) < len(lengths), decoding, short, long, step)
+        attn_metadata._selfextend_route = found
+    return found
+
+
+@functools.cache
+def native_kernel_problem(dtype: torch.dtype) -> str | None:
+    """Why the native paged kernel cannot run here (said once per process), or None when it runs."""
+    if dtype != torch.float32:
+        problem = f"it reads float32 caches, this model runs {dtype}"
+    else:
+        try:
+            library()
+            return None
+        except NativeBuildError as error:
+            problem = str(error)
+    logger.warning("SelfExtend: decode steps and short chunks run the torch paged kernel, several times slower "
+                   "per layer than the native one: %s", problem)
+    return problem
 
 
 @dataclass(frozen=True)
@@ -153,13 +211,15 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         self.rotation = GroupedRotation(far.group_size, far.window_size, engine.rope, far.offset)
         self.kernel = resolve_backend(engine.settings.backend, torch.device("cpu"))
         self.keep = engine.keep_grouped_keys
+        self.native = native_kernel_problem(vllm_config.model_config.dtype) is None
         if self.keep and kv_sharing_target_layer_name is not None:  # it never writes keys, so it cannot keep them
             self.keep = False
             logger.info("SelfExtend: a layer reading %s's KV cache rotates the grouped keys it reads at each step "
                         "(kept grouped keys need the layer that writes the keys)", kv_sharing_target_layer_name)
-        self.grouped: torch.Tensor | None = None  # [blocks, kv_heads, block_size, head_dim], slots as the KV cache's
+        self.grouped: torch.Tensor | None = None  # [blocks, kv_heads, head_dim, block_size]: stored as the keys
         self._grouped_for: tuple | None = None  # the KV cache tensor the kept keys belong to
         self.keys_rotated = 0  # keys rotated to grouped positions so far (the tests check: each new key once)
+        self.native_calls = 0  # layer calls that took the native paged kernel (the tests check it is taken)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata, output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -169,21 +229,23 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         if layer.isa not in READABLE_LAYOUTS:
             raise SelfExtendVLLMError(f"SelfExtend reads the {'/'.join(READABLE_LAYOUTS)} KV-cache layouts of vLLM's "
                                       f"CPU backend; this machine's is {layer.isa!r}")
-        grouped = self._keep(key, kv_cache, attn_metadata) if self.keep else None
-        starts = attn_metadata.query_start_loc.tolist()
-        lengths = attn_metadata.seq_lens.tolist()
-        window = self.rotation.window_size
-        extended = [r for r, length in enumerate(lengths) if length > window]  # some pair at distance >= W
-        if len(extended) < len(lengths):  # the others: vLLM's own kernel (n <= W is plain attention)
+        route = _step_route(attn_metadata, self.rotation, self.native)
+        grouped = self._keep(key, kv_cache, attn_metadata, route) if self.keep else None
+        if route.plain:  # the requests with n <= W: vLLM's own kernel (plain attention)
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
-        counts = {r: starts[r + 1] - starts[r] for r in extended}
-        decoding = [r for r in extended if counts[r] == 1]
-        short = [r for r in extended if 1 < counts[r] <= PAGED_QUERIES and lengths[r] <= PAGED_KEYS]
-        for rows in (decoding, short):  # each group in one call: decode steps, and short chunks padded alike
-            if rows:
-                self._paged(query, kv_cache, grouped, attn_metadata, rows, output)
-        for r in sorted(set(extended) - set(decoding) - set(short)):  # long prefill chunks, one request at a time
+        if route.native is not None and len(route.native.rows):  # decode steps and short chunks, in one call
+            keys, values = _halves(kv_cache)
+            self.native_calls += 1
+            self.keys_rotated += native_paged_attention(query, output, keys, values, route.native, self.scale,
+                                                        grouped)
+        elif route.decoding or route.short:
+            for rows in (route.decoding, route.short):  # each group in one call, short chunks padded alike
+                if rows:
+                    self._paged(query, kv_cache, grouped, attn_metadata, rows, output)
+        if route.long:
+            starts, lengths = attn_metadata.query_start_loc.tolist(), attn_metadata.seq_lens.tolist()
+        for r in route.long:  # long prefill chunks, one request at a time
             a, b, length = starts[r], starts[r + 1], lengths[r]
             blocks = attn_metadata.block_table[r]
             keys, values = gather_kv(kv_cache, blocks, length)
@@ -194,7 +256,7 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
             output[a:b] = out[0]
         return output
 
-    def _keep(self, key: torch.Tensor, kv_cache: torch.Tensor, attn_metadata) -> torch.Tensor:
+    def _keep(self, key: torch.Tensor, kv_cache: torch.Tensor, attn_metadata, route: StepRoute) -> torch.Tensor:
         """This layer's kept grouped keys, with this step's new keys written into their slots.
 
         A slot's grouped key is rewritten whenever vLLM writes its key (every step's new tokens pass here), so
@@ -202,14 +264,17 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         """
         n_blocks, heads, block_size, twice = kv_cache.shape
         if self._grouped_for != (kv_cache.data_ptr(), kv_cache.shape):  # first step, or vLLM's cache was replaced
-            self.grouped = kv_cache.new_empty(n_blocks, heads, block_size, twice // 2)
+            self.grouped = kv_cache.new_empty(n_blocks, heads, twice // 2, block_size)
             self._grouped_for = (kv_cache.data_ptr(), kv_cache.shape)
+        if route.native is not None:
+            self.keys_rotated += write_grouped_keys(key, route.native, self.grouped)
+            return self.grouped
         step = _step_slots(attn_metadata, block_size, self.rotation)
         new = key[:attn_metadata.num_actual_tokens]
         if step.written is not None:
             new = new[step.written]
         cos, sin = step.angles
-        self.grouped[step.blocks, :, step.offsets] = rotate(new, cos[:, None], sin[:, None])
+        self.grouped[step.blocks, :, :, step.offsets] = rotate(new, cos[:, None], sin[:, None])
         self.keys_rotated += len(step.blocks)
         return self.grouped
 
@@ -229,7 +294,7 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
             self.keys_rotated += len(rows) * found.plan.total
         keys, values = _halves(kv_cache)
         out = paged_attention(query[found.tokens], keys.transpose(-1, -2), values, found.plan, self.rotation,
-                              self.scale, grouped)
+                              self.scale, None if grouped is None else grouped.transpose(-1, -2))
         real = found.plan.real
         output[found.tokens[real]] = out[real]
 
