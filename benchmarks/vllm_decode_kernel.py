@@ -1,7 +1,8 @@
 """The vLLM plugin's decode attention for one layer in isolation: 8 decoding rows of ~500 keys in a paged cache
-(testbed heads, G=6, W=32, blocks of 16, kept grouped keys), read in place by the paged kernel (as the plugin
-runs them) against gathering them left-padded into the blockwise kernel (as it ran them before) and against
-plain SDPA over the same gathered keys (what no SelfExtend costs). Times are per call, ratios to SDPA.
+(testbed heads, G=6, W=32, blocks of 16, kept grouped keys), read in place by the native C kernel (as the
+plugin runs them in float32) and by the torch paged kernel (its fallback), against gathering them
+left-padded into the blockwise kernel (as it ran them before) and against plain SDPA over the same gathered
+keys (what no SelfExtend costs). Times are per call, each including its once-per-step indices; ratios to SDPA.
 
     python benchmarks/vllm_decode_kernel.py      # from the repository root; quiet machine
 """
@@ -12,6 +13,7 @@ import transformers
 
 from selfextend.attention import KVLayout, resolve_backend, resolve_geometry
 from selfextend.attention.paged import paged_attention, paged_plan
+from selfextend.attention.paged_native import native_paged_attention, native_step
 from selfextend.rotary import GroupedRotation, rope_from_config
 
 cfg = transformers.AutoConfig.from_pretrained("src/selfextend/testbed/weights")
@@ -31,6 +33,16 @@ total = count * block
 def paged():
     plan = paged_plan(table, lengths, None, n_blocks, block, heads, rotation)  # once per step in the plugin
     return paged_attention(query[:, None], keys, values, plan, rotation, 0.17, grouped)[:, 0]
+
+
+stored_keys, stored_grouped = (x.transpose(-1, -2).contiguous() for x in (keys, grouped))  # as vLLM stores keys
+
+
+def native():
+    step = native_step(table, lengths, torch.arange(rows + 1), torch.arange(rows), rotation)  # once per step
+    out = torch.empty_like(query)
+    native_paged_attention(query, out, stored_keys, values, step, 0.17, stored_grouped)
+    return out
 
 
 def _left_padded(per_block):
@@ -55,8 +67,9 @@ def sdpa():
 
 
 torch.testing.assert_close(paged(), left_padded(), atol=1e-5, rtol=1e-5)  # the same attention
+torch.testing.assert_close(native(), left_padded(), atol=1e-5, rtol=1e-5)
 times = {}
-for f in (sdpa, left_padded, paged):
+for f in (sdpa, left_padded, paged, native):
     f()
     start = time.perf_counter()
     for _ in range(100):

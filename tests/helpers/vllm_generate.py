@@ -7,7 +7,7 @@ REQUEST: {"engine": {LLM keyword arguments}, "rounds": [[prompt token ids, ...],
 Each round is one `generate` call (its prompts run concurrently, continuously batched); rounds run one after
 another on the same engine, so a later round can hit the prefix cache of an earlier one. OUT: {"rounds":
 [[{"tokens", "logprobs", "cached"}, ...], ...], "keys_rotated": [per SelfExtend layer, keys it rotated],
-"native_calls": [per SelfExtend layer, calls that took the native paged kernel], "preemptions": requests
+"kernel_calls": [per SelfExtend layer, {kernel: calls}], "preemptions": requests
 preempted (null unless the engine logs stats)}.
 """
 
@@ -19,11 +19,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine and worker in this process: 5 s to start
 
 
-def counts(model) -> dict[str, list[int]]:
+def counts(model) -> dict[str, list]:
     """Per SelfExtend layer (sliding and plain layers have no counts): keys it rotated to grouped positions, and
-    calls that took the native paged kernel."""
+    calls per kernel it took."""
     impls = [module.impl for module in model.modules() if hasattr(getattr(module, "impl", None), "keys_rotated")]
-    return {"keys_rotated": [impl.keys_rotated for impl in impls], "native_calls": [impl.native_calls for impl in impls]}
+    return {"keys_rotated": [impl.keys_rotated for impl in impls], "kernel_calls": [dict(impl.kernel_calls) for impl in impls]}
 
 
 def preemptions(llm) -> int | None:

@@ -110,7 +110,7 @@ def test_selfextend_past_the_training_length_batched_chunked_and_from_the_prefix
     assert rounds[1][0]["cached"] >= 128  # whole blocks of the shared prefix came from the cache
     computed = _tokens_computed(first + second, rounds[0] + rounds[1], 8)
     assert run["keys_rotated"] == [computed] * SHAPE["num_hidden_layers"]
-    assert min(run["native_calls"]) > 0  # every layer's decode steps took the native paged kernel
+    assert all(set(calls) == {"native"} for calls in run["kernel_calls"])  # decode steps and 48-token chunks
     for prompt, got in zip(first + second, rounds[0] + rounds[1]):
         _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
 
@@ -140,14 +140,15 @@ def test_string_and_the_settings_a_saved_model_keeps_without_a_c_compiler(tmp_pa
     prompts = _prompts([56, 30, 12], seed=2)
     run = _vllm_run(tmp_path, {"model": folder, "max_model_len": 64}, [prompts], env={"CC": "/no/such/cc"})
     assert run["log"].count("run the torch paged kernel") == 1 and "no C compiler ('/no/such/cc')" in run["log"]
-    assert run["native_calls"] == [0] * SHAPE["num_hidden_layers"]
+    assert all(set(calls) == {"torch paged"} for calls in run["kernel_calls"])
     rounds = run["rounds"]
     for prompt, got in zip(prompts, rounds[0]):
         _assert_same(got, _reference(folder, prompt, 8, method="string"))
 
 
 def test_gemma3_sliding_layers_and_qwen3_planned(tmp_path):
-    """Gemma 3: its sliding-window layers stay vLLM's; Qwen3: G and W planned for max_model_len."""
+    """Gemma 3: its sliding-window layers stay vLLM's; Qwen3: G and W planned for max_model_len, a long prompt
+    prefilled by the blockwise kernel and a short one (and the decode steps) by the native one."""
     torch.manual_seed(0)
     gemma = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
         **{**SHAPE, "num_hidden_layers": 4}, query_pre_attn_scalar=32, sliding_window=12,
@@ -159,13 +160,16 @@ def test_gemma3_sliding_layers_and_qwen3_planned(tmp_path):
     for prompt, got in zip(prompts, _vllm(tmp_path, engine, [prompts])[0]):
         _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
 
-    torch.manual_seed(0)
-    qwen = _save(tmp_path, "qwen3", transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE)))
-    planned = selfextend.planning.resolve(64, 256, method="selfextend").settings
-    engine = {"model": qwen, "max_model_len": 256, "hf_overrides": {"max_position_embeddings": 256},
+    torch.manual_seed(0)  # L = 512, read to 1400: a row past NATIVE_KEYS prefills through the blockwise kernel
+    qwen = _save(tmp_path, "qwen3", transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **{**SHAPE, "max_position_embeddings": 512})))
+    planned = selfextend.planning.resolve(512, 1400, method="selfextend").settings
+    engine = {"model": qwen, "max_model_len": 1400, "hf_overrides": {"max_position_embeddings": 1400},
               "additional_config": {"selfextend": {}}}
-    prompts = _prompts([240, 100], seed=4)
-    for prompt, got in zip(prompts, _vllm(tmp_path, engine, [prompts])[0]):
+    prompts = _prompts([1300, 600], seed=4)
+    run = _vllm_run(tmp_path, engine, [prompts])
+    assert all(set(calls) == {"native", "blockwise"} for calls in run["kernel_calls"])
+    for prompt, got in zip(prompts, run["rounds"][0]):
         _assert_same(got, _reference(qwen, prompt, 8, group_size=planned.group_size,
                                      window_size=planned.window_size))
 

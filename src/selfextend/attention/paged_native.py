@@ -20,6 +20,9 @@ from ..native import load
 from ..rotary import GroupedRotation
 
 SOURCE = Path(__file__).with_name("paged_native.c")
+# Prefill chunks worth this kernel: those of rows of up to this many keys. Past it the blockwise kernel's matrix
+# products make up for its fixed cost per request (benchmarks/paged_native_crossover.py); decode rows always are.
+NATIVE_KEYS = 1024
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 

@@ -18,6 +18,7 @@ blockwise kernel, over their gathered keys.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from ..attention import KVLayout, grouped_key_count, resolve_backend, resolve_geometry
 from ..attention.paged import PagedPlan, paged_attention, paged_plan
-from ..attention.paged_native import NativeStep, library, native_paged_attention, native_step, write_grouped_keys
+from ..attention.paged_native import NATIVE_KEYS, NativeStep, library, native_paged_attention, native_step, write_grouped_keys
 from ..errors import NativeBuildError
 from ..rotary import GroupedRotation, rotate
 from .settings import SelfExtendVLLMError, engine_settings
@@ -114,7 +115,7 @@ def _step_slots(attn_metadata, block_size: int, rotation: GroupedRotation) -> St
     return found
 
 
-PAGED_QUERIES, PAGED_KEYS = 256, 4096  # prefill chunks up to this many queries over this many keys go paged
+PAGED_QUERIES, PAGED_KEYS = 256, 4096  # the torch paged kernel's prefill chunks: its logits are queries × keys
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class StepRoute:
 
     plain: bool  # some requests have n <= W: vLLM's own kernel (plain attention)
     decoding: list[int]  # one query each, past W: the paged kernel
-    short: list[int]  # short prefill chunks past W: the paged kernel
+    short: list[int]  # short prefill chunks past W: the paged kernel (native: rows of up to NATIVE_KEYS keys)
     long: list[int]  # long prefill chunks: the blockwise kernel, one at a time
     native: NativeStep | None  # the native kernels' view of the step (None: they do not run here)
 
@@ -136,7 +137,10 @@ def _step_route(attn_metadata, rotation: GroupedRotation, native: bool) -> StepR
         extended = [r for r, n in enumerate(lengths) if n > rotation.window_size]  # some pair at distance >= W
         counts = {r: starts[r + 1] - starts[r] for r in extended}
         decoding = [r for r in extended if counts[r] == 1]
-        short = [r for r in extended if 1 < counts[r] <= PAGED_QUERIES and lengths[r] <= PAGED_KEYS]
+        if native:
+            short = [r for r in extended if counts[r] > 1 and lengths[r] <= NATIVE_KEYS]
+        else:
+            short = [r for r in extended if 1 < counts[r] <= PAGED_QUERIES and lengths[r] <= PAGED_KEYS]
         long = sorted(set(extended) - set(decoding) - set(short))
         step = None
         if native:
@@ -219,7 +223,7 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         self.grouped: torch.Tensor | None = None  # [blocks, kv_heads, head_dim, block_size]: stored as the keys
         self._grouped_for: tuple | None = None  # the KV cache tensor the kept keys belong to
         self.keys_rotated = 0  # keys rotated to grouped positions so far (the tests check: each new key once)
-        self.native_calls = 0  # layer calls that took the native paged kernel (the tests check it is taken)
+        self.kernel_calls = Counter()  # calls per kernel: "native", "torch paged", "blockwise" (the tests check)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata, output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -236,13 +240,14 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
                             output_block_scale)
         if route.native is not None and len(route.native.rows):  # decode steps and short chunks, in one call
             keys, values = _halves(kv_cache)
-            self.native_calls += 1
+            self.kernel_calls["native"] += 1
             self.keys_rotated += native_paged_attention(query, output, keys, values, route.native, self.scale,
                                                         grouped)
         elif route.decoding or route.short:
             for rows in (route.decoding, route.short):  # each group in one call, short chunks padded alike
                 if rows:
                     self._paged(query, kv_cache, grouped, attn_metadata, rows, output)
+                    self.kernel_calls["torch paged"] += 1
         if route.long:
             starts, lengths = attn_metadata.query_start_loc.tolist(), attn_metadata.seq_lens.tolist()
         for r in route.long:  # long prefill chunks, one request at a time
@@ -251,6 +256,7 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
             keys, values = gather_kv(kv_cache, blocks, length)
             geometry = resolve_geometry(KVLayout(q_offset=length - (b - a), kv_offset=0), None, 1, b - a, length,
                                         query.device)
+            self.kernel_calls["blockwise"] += 1
             out = self._attend(query[a:b].transpose(0, 1)[None], keys, values, geometry,
                                None if grouped is None else gather_grouped(grouped, blocks, length))
             output[a:b] = out[0]
