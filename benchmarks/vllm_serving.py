@@ -6,14 +6,18 @@ tokens/s per request. Each server runs alone, one after another, in this run; ra
 first row of each comparison.
 
     python benchmarks/vllm_serving.py --vllm-python .venv-vllm/bin/python [--clients 8] [--tokens 500] [--rounds 5]
+    python benchmarks/vllm_serving.py --vllm-python .venv-vllm/bin/python --model gemma --clients 2 \
+        --tokens 33000 --inside 4096 --rounds 1 --warmup-tokens 512 --group-size 4 --window 1024
 
-The model is the project's testbed (L = 128; float32), with G and W fixed alike in both servers.
+The model is the project's testbed (L = 128; float32), or the embedded Gemma 3 270M (L = 32768; its
+converted cache, float32), with G and W fixed alike in both servers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,13 +29,14 @@ import httpx
 import torch
 
 from local_server import free_port, wait_until_healthy
+from selfextend import models
 from selfextend.testbed import WEIGHTS
 
 
 def _start(command: list[str], log: Path, seconds: float = 600) -> tuple[subprocess.Popen, str, int]:
     port = free_port()
     process = subprocess.Popen([*command, "--port", str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               env={"VLLM_CPU_KVCACHE_SPACE": "1", **__import__("os").environ})
+                               env=os.environ)
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, process, log, seconds)
     return process, url, port
@@ -73,13 +78,13 @@ def load(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> dic
             "decode_tok_s": sum(r["decode"] for r in results) / len(results)}
 
 
-def run(name: str, command: list[str], model: str, rounds: list[list[list[int]]], max_tokens: int, logs: Path
-        ) -> dict:
-    """One load per round of new documents (no prefix-cache hits), in turn on one server after a warm-up; each
-    figure is the median over the rounds."""
+def run(name: str, command: list[str], model: str, rounds: list[list[list[int]]], max_tokens: int, logs: Path,
+        warmup: int | None = None) -> dict:
+    """One load per round of new documents (no prefix-cache hits), in turn on one server after a warm-up (on
+    a document no round sends, of `warmup` tokens if given); each figure is the median over the rounds."""
     process, url, _ = _start(command, logs / f"{name}.log")
     try:
-        load(url, model, [rounds[0][0][::-1]], max_tokens)  # warm-up, on a document no round sends
+        load(url, model, [rounds[0][0][::-1][:warmup]], max_tokens)
         measured = [load(url, model, prompts, max_tokens) for prompts in rounds]
         return {"server": name, **{k: statistics.median(m[k] for m in measured) for k in measured[0]},
                 "rounds": measured}
@@ -91,10 +96,12 @@ def run(name: str, command: list[str], model: str, rounds: list[list[list[int]]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vllm-python", required=True, help="python of the virtual environment holding vllm-cpu")
+    parser.add_argument("--model", choices=("testbed", "gemma"), default="testbed")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=500, help="document length, past L = 128")
+    parser.add_argument("--tokens", type=int, default=500, help="document length, past L")
     parser.add_argument("--inside", type=int, default=112,
-                        help="document length inside L, for the plugin's cost (with the new tokens, at most L = 128)")
+                        help="document length inside L, for the plugin's cost (with the new tokens, at most L)")
+    parser.add_argument("--warmup-tokens", type=int, help="the warm-up document's length (default: --tokens)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=6)
     parser.add_argument("--window", type=int, default=32)
@@ -103,7 +110,17 @@ def main() -> None:
     args = parser.parse_args()
     logs = Path("runs/vllm_serving")
     logs.mkdir(parents=True, exist_ok=True)
-    vocab = 56  # the testbed's
+    if args.model == "testbed":
+        folder, ours_model, train, vocab, space = str(WEIGHTS), "testbed", 128, 56, "1"
+    else:  # the embedded Gemma's converted cache, which vLLM reads (the main job converts it once)
+        source = models.resolve(None)
+        if source.gguf_file is not None:
+            raise SystemExit("the weights are not converted yet: run `selfextend generate --sample-tokens 1000` once")
+        folder, ours_model, train, vocab = source.name_or_path, models.DEFAULT_MODEL, 32768, 262140  # ids < 262144
+        space = str(-(-args.clients * (args.tokens + args.max_tokens) * 36 * 1024 * 5 // 4 // 2**30))  # KV GiB
+    if args.inside + args.max_tokens > train:
+        raise SystemExit(f"--inside {args.inside} + {args.max_tokens} new tokens is past L = {train}")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = space
     generator = torch.Generator().manual_seed(0)
 
     def documents(length: int) -> list[list[list[int]]]:
@@ -111,16 +128,18 @@ def main() -> None:
                 for _ in range(args.rounds)]
     long, short = documents(args.tokens), documents(args.inside)
     G, W, n = args.group_size, args.window, args.tokens + args.max_tokens
-    vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(WEIGHTS), "--dtype",
-            "float32", "--enforce-eager", "--host", "127.0.0.1", "--served-model-name", "testbed"]
+    vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--dtype",
+            "float32", "--enforce-eager", "--host", "127.0.0.1", "--served-model-name", ours_model]
     extend = ["--hf-overrides", json.dumps({"max_position_embeddings": n}), "--max-model-len", str(n),
               "--additional-config", json.dumps({"selfextend": {"group_size": G, "window_size": W}})]
-    ours = [sys.executable, "-m", "selfextend", "serve", "--model", "testbed", "--host", "127.0.0.1",
+    ours = [sys.executable, "-m", "selfextend", "serve", "--model", ours_model, "--host", "127.0.0.1",
             "--group-size", str(G), "--window", str(W), "--log-level", "warning"]
-    rows = [run("selfextend serve", ours, "testbed", long, args.max_tokens, logs),
-            run("vLLM + plugin", vllm + extend, "testbed", long, args.max_tokens, logs),
-            run("plain vLLM, inside L", vllm + ["--max-model-len", "128"], "testbed", short, args.max_tokens, logs),
-            run("vLLM + plugin, inside L", vllm + extend, "testbed", short, args.max_tokens, logs)]
+    warm = args.warmup_tokens
+    rows = [run("selfextend serve", ours, ours_model, long, args.max_tokens, logs, warm),
+            run("vLLM + plugin", vllm + extend, ours_model, long, args.max_tokens, logs, warm),
+            run("plain vLLM, inside L", vllm + ["--max-model-len", str(train)], ours_model, short, args.max_tokens,
+                logs, warm),
+            run("vLLM + plugin, inside L", vllm + extend, ours_model, short, args.max_tokens, logs, warm)]
     print(f"{'server':<26} {'req/s':>7} {'× first':>8} {'TTFT s':>8} {'× first':>8} {'decode tok/s':>13}")
     for group in (rows[:2], rows[2:]):
         base = group[0]
