@@ -115,21 +115,6 @@ def test_selfextend_past_the_training_length_batched_chunked_and_from_the_prefix
         _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
 
 
-def test_preempted_requests_are_recomputed_exactly(tmp_path):
-    """A KV cache of 8 blocks of 32 tokens for four requests needing 4-5 each: the scheduler preempts running
-    requests, frees their blocks for others and recomputes them later. Blocks change hands, and the kept
-    grouped keys with them: the tokens stay the reference's."""
-    folder = _llama(tmp_path)
-    prompts = _prompts([150, 130, 110, 90], seed=7)
-    engine = {"model": folder, "max_model_len": 200, "hf_overrides": {"max_position_embeddings": 200},
-              "additional_config": {"selfextend": {"group_size": 4, "window_size": 16}},
-              "block_size": 32, "num_gpu_blocks_override": 8, "disable_log_stats": False}
-    run = _vllm_run(tmp_path, engine, [prompts], max_tokens=8)
-    assert run["preemptions"] > 0
-    for prompt, got in zip(prompts, run["rounds"][0]):
-        _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
-
-
 def test_string_and_the_settings_a_saved_model_keeps_without_a_c_compiler(tmp_path):
     """STRING (S = 21, w = 10 at L = 64) from config.json's `selfextend` entry, written by apply +
     save_pretrained: no --additional-config needed. With no C compiler, the native kernel cannot be built:
@@ -160,13 +145,13 @@ def test_gemma3_sliding_layers_and_qwen3_planned(tmp_path):
     for prompt, got in zip(prompts, _vllm(tmp_path, engine, [prompts])[0]):
         _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
 
-    torch.manual_seed(0)  # L = 512, read to 1400: a row past NATIVE_KEYS prefills through the blockwise kernel
+    torch.manual_seed(0)  # L = 512, read to 1200: a row past NATIVE_KEYS prefills through the blockwise kernel
     qwen = _save(tmp_path, "qwen3", transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         **{**SHAPE, "max_position_embeddings": 512})))
-    planned = selfextend.planning.resolve(512, 1400, method="selfextend").settings
-    engine = {"model": qwen, "max_model_len": 1400, "hf_overrides": {"max_position_embeddings": 1400},
+    planned = selfextend.planning.resolve(512, 1200, method="selfextend").settings
+    engine = {"model": qwen, "max_model_len": 1200, "hf_overrides": {"max_position_embeddings": 1200},
               "additional_config": {"selfextend": {}}}
-    prompts = _prompts([1300, 600], seed=4)
+    prompts = _prompts([1100, 600], seed=4)
     run = _vllm_run(tmp_path, engine, [prompts])
     assert all(set(calls) == {"native", "blockwise"} for calls in run["kernel_calls"])
     for prompt, got in zip(prompts, run["rounds"][0]):
@@ -185,14 +170,19 @@ def test_the_testbed_at_four_times_its_training_length_rotating_the_keys_it_read
     assert min(run["keys_rotated"]) > 2 * _tokens_computed(prompts, run["rounds"][0], 8)  # every step, again
 
 
-def test_tensor_parallel_two_processes(tmp_path):
-    """tensor_parallel_size=2 on CPU (one core per rank): each rank attends with its own heads."""
+def test_tensor_parallel_two_processes_and_preempted_requests_recomputed(tmp_path):
+    """tensor_parallel_size=2 on CPU (one core per rank): each rank attends with its own heads. A KV cache of
+    8 blocks of 32 tokens for four requests needing 4-5 each: the scheduler preempts running requests, frees
+    their blocks for others and recomputes them later. Blocks change hands, and the kept grouped keys with
+    them: the tokens stay the reference's."""
     folder = _llama(tmp_path)
-    prompts = _prompts([150, 60], seed=7)
+    prompts = _prompts([150, 130, 110, 90], seed=7)
     engine = {"model": folder, "max_model_len": 200, "hf_overrides": {"max_position_embeddings": 200},
-              "additional_config": {"selfextend": {"group_size": 4, "window_size": 16}}, "tensor_parallel_size": 2}
-    rounds = _vllm(tmp_path, engine, [prompts], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
-    for prompt, got in zip(prompts, rounds[0]):
+              "additional_config": {"selfextend": {"group_size": 4, "window_size": 16}}, "tensor_parallel_size": 2,
+              "block_size": 32, "num_gpu_blocks_override": 8, "disable_log_stats": False}
+    run = _vllm_run(tmp_path, engine, [prompts], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    assert run["preemptions"] > 0
+    for prompt, got in zip(prompts, run["rounds"][0]):
         _assert_same(got, _reference(folder, prompt, 8, group_size=4, window_size=16))
 
 
