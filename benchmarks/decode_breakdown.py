@@ -55,9 +55,10 @@ def _weight_bytes(model) -> int:
 
     total = 0
     for module in model.modules():
-        if isinstance(module, PackedLinear):
-            per = 2 if module.format == "float16" else 1
-            total += module.in_features * module.out_features * per + (module.out_features * 4 if per == 1 else 0)
+        if isinstance(module, PackedLinear) and module.format == "int8":
+            total += module.rows.numel() + module.scale.numel() * 4  # a byte per weight, a scale per 32
+        elif isinstance(module, PackedLinear):
+            total += module.in_features * module.out_features * 2
         elif isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
     return total

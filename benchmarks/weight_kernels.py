@@ -6,6 +6,7 @@ ratios to the dense float32 product in the same run, with each kernel's largest 
 the weights it holds (its own quantization error is not counted):
 
 - float16: fbgemm's packed fp16 GEMM (`--weights float16`);
+- int8 blocks: the project's C kernel, int8 in blocks of 32 with a scale each (`--weights int8`);
 - int8 weight-only: torch's `_weight_int8pack_mm` (one scale per row);
 - int4 weight-only: torch's `_weight_int4pack_mm_for_cpu` (groups of 32, scale and zero point);
 - bfloat16: plain `F.linear` in bfloat16 (activations too).
@@ -22,6 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from selfextend import linear_native
+from selfextend.linear_native import Int8Blocks
 
 SHAPES = [(262144, 640), (2048, 640), (640, 2048), (1024, 640), (256, 640)]  # Gemma 3 270M: head, MLP, attention
 GROUP = 32  # int4 group size
@@ -58,8 +62,10 @@ def measure(rows: int, cols: int, repeat: int) -> dict:
     int8 = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
     packed, scales_and_zeros, held4 = _int4(weight)
     xb, wb = x.bfloat16(), weight.bfloat16()
+    blocks = Int8Blocks.quantize(weight)
     kernels = {
         "float16": (lambda: torch.ops.quantized.linear_dynamic_fp16(x, fp16), weight.half().float()),
+        "int8 blocks": (lambda: linear_native.linear(x, blocks), blocks.widen()),
         "int8 weight-only": (lambda: torch._weight_int8pack_mm(x, int8, scale), int8.float() * scale[:, None]),
         "int4 weight-only": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_and_zeros),
                              held4),

@@ -1,6 +1,8 @@
 """Lighter weight formats: each layer computes what its stored weights say, and SelfExtend adds no error of its
 own on a compressed model (it is compared with the same compressed model, vanilla and the reference oracle)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,8 @@ from transformers import DynamicCache
 import selfextend
 from selfextend.identity import model_identity
 from selfextend.transformers_compat import cache_kwargs
-from selfextend.weights import CompactEmbedding, PackedLinear, check_format, compress
+from selfextend.linear_native import NATIVE_TOKENS, QBLOCK, Int8Blocks
+from selfextend.weights import CompactEmbedding, PackedLinear, _FilePages, check_format, compress
 from conftest import make_model
 
 G, W = 4, 8
@@ -32,19 +35,33 @@ def test_float16_linear_is_the_half_precision_weight_in_float32_arithmetic():
     torch.testing.assert_close(PackedLinear(linear, "float16")(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_int8_linear_is_its_int8_rows_up_to_each_tokens_activation_rounding():
+@pytest.mark.parametrize("inputs", [64, 45])  # 45: a last block of 13 inputs
+@pytest.mark.parametrize("tokens", [1, 3, 5, NATIVE_TOKENS + 4])  # the C kernel's tiles, and torch's product
+def test_int8_linear_is_its_blocks_in_float32_arithmetic(inputs, tokens):
     torch.manual_seed(0)
-    linear, x = nn.Linear(64, 48), torch.randn(4, 64) * torch.tensor([[1.0], [10.0], [0.1], [1000.0]])
-    scale = linear.weight.abs().amax(1) / 127
-    dequantized = torch.round(linear.weight / scale[:, None]) * scale[:, None]
+    linear = nn.Linear(inputs, 50)  # 50 rows: whole tiles of four and a remainder
+    x = torch.randn(tokens, inputs) * torch.logspace(-2, 3, tokens)[:, None]
     packed = PackedLinear(linear, "int8")
-    got, expected = packed(x), nn.functional.linear(x, dequantized, linear.bias)
-    step = x.abs().amax(1, keepdim=True) * 2 / 127  # each token's own 7-bit activation step
-    bound = step / 2 * dequantized.abs().sum(1) + 1e-5 * expected.abs()
-    assert ((got - expected).abs() <= bound).all()
-    assert (got - expected).abs().max() > 0  # the activation rounding is real, so the bound above is the test
-    for row in range(4):  # a token's result does not depend on the others in its call
-        assert torch.equal(packed(x[row:row + 1])[0], got[row])
+    blocks = Int8Blocks(packed.rows, packed.scale)
+    widened = blocks.widen()
+    step = packed.scale.repeat_interleave(QBLOCK, dim=1)[:, :inputs]
+    assert ((widened - linear.weight).abs() <= step / 2 + 1e-7).all()  # each weight rounded on its block's scale
+    expected = nn.functional.linear(x.double(), widened.double(), linear.bias.double())
+    got = packed(x)
+    # float32 sums of `inputs` products: the textbook bound, inputs x unit roundoff x sum of |products|
+    bound = inputs * torch.finfo(torch.float32).eps * (x.abs().double() @ widened.abs().double().T + 1)
+    assert ((got.double() - expected).abs() <= bound).all()
+    if tokens <= NATIVE_TOKENS:  # a token's result does not depend on the others in its call
+        for row in range(tokens):
+            assert torch.equal(packed(x[row:row + 1])[0], got[row])
+
+
+def test_int8_linear_refuses_inputs_it_cannot_take():
+    packed = PackedLinear(nn.Linear(64, 8), "int8")
+    with pytest.raises(TypeError, match="float32 CPU inputs of 64 features"):
+        packed(torch.randn(2, 63))
+    with pytest.raises(TypeError, match="float32"):
+        packed(torch.randn(2, 64, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -58,8 +75,8 @@ def test_embedding_rows_are_the_stored_rows_times_their_scales(family, fmt):
     if fmt == "float16":
         stored = weight.half().float()
     else:
-        stored = compact.rows.float() * compact.row_scale[:, None]
-        assert (stored - weight).abs().max() <= compact.row_scale.max() / 2 + 1e-7
+        stored = Int8Blocks(compact.rows, compact.scale).widen()
+        assert (stored - weight).abs().max() <= compact.scale.max() / 2 + 1e-7
     torch.testing.assert_close(compact(ids)[0], stored * multiplier, atol=0, rtol=0)
 
 
@@ -72,16 +89,25 @@ def test_compress_replaces_every_linear_and_keeps_the_dense_identity(fmt):
     assert isinstance(model.get_input_embeddings(), CompactEmbedding)
     assert model_identity(model) == identity
     ids = _ids(40)
-    close = {"float16": 5e-3, "int8": 0.2}[fmt]  # quality, not exactness: the formats' cost on a random model
+    close = {"float16": 5e-3, "int8": 2e-2}[fmt]  # quality, not exactness: the formats' cost on a random model
     assert (_logits(model, ids) - _logits(dense, ids)).abs().max() < close
 
 
-# int8 quantizes each layer's input, so a last-bit difference between two exact attention kernels can move a
-# value across a rounding boundary: its whole-model results are compared by quality (docs/results.md), and
-# the attention it feeds is the same function the dense tests check.
+def test_int8_shares_a_tied_embedding_with_the_lm_head():
+    dense = make_model("gemma3")
+    dense.get_output_embeddings().weight = dense.get_input_embeddings().weight  # as the real Gemma's
+    ids = _ids(40)
+    expected = _logits(dense, ids)
+    model = compress(dense, "int8")
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.rows.data_ptr() == embedding.rows.data_ptr() and head.scale.data_ptr() == embedding.scale.data_ptr()
+    assert (_logits(model, ids) - expected).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3"])
-def test_selfextend_adds_no_error_of_its_own_on_float16_weights(family):
-    model = compress(make_model(family), "float16")
+def test_selfextend_adds_no_error_of_its_own_on_lighter_weights(family, fmt):
+    model = compress(make_model(family), fmt)
     short, long = _ids(W), _ids(200)
     vanilla_short = _logits(model, short)
     selfextend.apply(model, G, W, backend="reference")
@@ -91,8 +117,9 @@ def test_selfextend_adds_no_error_of_its_own_on_float16_weights(family):
     torch.testing.assert_close(_logits(model, long), oracle, atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_prefill_on_float16_weights_matches_one_pass():
-    model = selfextend.apply(compress(make_model("gemma3"), "float16"), G, W)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_chunked_prefill_on_lighter_weights_matches_one_pass(fmt):
+    model = selfextend.apply(compress(make_model("gemma3"), fmt), G, W)
     ids = _ids(150)
     cache = DynamicCache(config=model.config)
     chunks = [_logits(model, ids[:, a:a + 37], **cache_kwargs(model, cache), use_cache=True) for a in range(0, 150, 37)]
@@ -108,3 +135,38 @@ def test_formats_that_cannot_work_are_refused(fmt, device, dtype, match):
     with pytest.raises(ValueError, match=match):
         check_format(fmt, device, dtype)
     check_format("dense", "cpu", "bfloat16")
+
+
+def _mapped_kib(address: int) -> int:
+    """Resident KiB of the mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(x, 16) for x in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "Rss:":
+            return int(line.split()[1])
+    raise AssertionError("no mapping holds the address")
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="Linux's /proc")
+def test_packing_releases_a_mapped_files_pages_and_nothing_else(tmp_path):
+    """Once packed, a weight's pages of a mapped checkpoint leave the process (read again from the file if
+    needed); pages written since the load (copied on write) and ordinary memory are never dropped."""
+    path = tmp_path / "weights.bin"
+    torch.arange(1 << 20, dtype=torch.float32).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=1 << 20)  # a private map, as checkpoints load
+    expected = mapped.clone()
+    assert _mapped_kib(mapped.data_ptr()) >= 4000  # read whole: 4 MiB resident
+    _FilePages().release(mapped)
+    assert _mapped_kib(mapped.data_ptr()) < 100
+    assert torch.equal(mapped, expected)  # faulted in again, from the file
+    mapped[5] = -1.0  # copied on write: this page is the process's now
+    expected[5] = -1.0
+    _FilePages().release(mapped)
+    assert torch.equal(mapped, expected)
+    ordinary = torch.randn(1 << 20)
+    kept = ordinary.clone()
+    _FilePages().release(ordinary)
+    assert torch.equal(ordinary, kept)

@@ -4,112 +4,85 @@ A decode step reads every weight once, so on CPU its speed is set by the bytes o
 expanded to float32 reads 4 bytes per weight. The formats here keep the arithmetic in float32 and store less:
 
 - "float16": weights in half precision (fbgemm's fp16 GEMM; activations stay float32, so nothing overflows);
-- "int8": weights in int8 with one scale per output row, each token's activations quantized to 7 bits on
-  their own scale (fbgemm's dynamic int8 GEMM, torch's `quantized.linear_dynamic`); the embedding keeps
-  int8 rows with a scale per token;
+- "int8": weights in int8 in blocks of 32 inputs with a float32 scale each (llama.cpp's Q8_0 layout, for the
+  weights only), multiplied in float32 by the project's C kernel (`linear_native`); the embedding looks its
+  rows up in the same form, and a tied LM head shares them;
 - "dense": the model as loaded.
 
-The fbgemm kernels are torch's own (x86 CPUs); the formats are for CPU inference, and their quality cost is
-measured in docs/results.md. This is the one module that knows torch's quantized-op interface.
+fbgemm is torch's own (x86 CPUs); the int8 kernel is built with the system's C compiler on first use. The
+formats are for CPU inference; their quality cost is measured in docs/results.md.
 """
 
 from __future__ import annotations
 
-import warnings
+import ctypes
+import mmap
 
 import torch
 from torch import nn
 
+from . import linear_native
 from .errors import UnsupportedModelError
 from .identity import IDENTITY_ATTRIBUTE, model_identity
+from .linear_native import Int8Blocks
 
 WEIGHT_FORMATS = ("dense", "float16", "int8")
 DEFAULT_WEIGHTS = "dense"
 
 
-def _int8_rows(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row (rows / scale, rounded) and each row's float32 scale; in chunks of rows, so a
-    large embedding needs no float copy of itself."""
-    rows = torch.empty(weight.shape, dtype=torch.int8)
-    scale = torch.empty(weight.shape[0])
-    for start in range(0, weight.shape[0], chunk):
-        part = weight[start:start + chunk].float()
-        scale[start:start + chunk] = part.abs().amax(dim=1).clamp(min=1e-12) / 127
-        rows[start:start + chunk] = torch.round(part / scale[start:start + chunk, None]).clamp(-127, 127)
-    return rows, scale
-
-
 class PackedLinear(nn.Module):
-    """A linear layer whose weight is held in fbgemm's packed float16 or int8 form; float32 in and out."""
+    """A linear layer whose weight is held in fbgemm's packed float16 form or as int8 blocks; float32 in and out.
 
-    def __init__(self, linear: nn.Linear, fmt: str) -> None:
+    `blocks`: int8 weights made elsewhere (a tied embedding's), shared instead of quantized again.
+    """
+
+    def __init__(self, linear: nn.Linear, fmt: str, blocks: Int8Blocks | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.format = linear.in_features, linear.out_features, fmt
-        weight = linear.weight.detach().float()
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self.bias = None  # int8 adds its bias after scaling the rows back (see _int8); float16 packs it
+        weight = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()  # not the file's map
+        self.bias = None  # float16 packs its bias; int8 adds it after the product
         if fmt == "float16":
-            self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+            self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
         else:
-            rows, scale = _int8_rows(weight)
-            self.bias = bias
-            with warnings.catch_warnings():  # torch deprecates quantized tensors; the pinned torch keeps them
-                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-                quantized = torch._make_per_channel_quantized_tensor(
-                    rows, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+            blocks = blocks if blocks is not None else Int8Blocks.quantize(weight)
+            self.rows, self.scale, self.bias = nn.Buffer(blocks.rows), nn.Buffer(blocks.scale), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             raise TypeError(f"{self.format} weights compute in float32, got {x.dtype} input")
+        if self.format == "int8":
+            return linear_native.linear(x, Int8Blocks(self.rows, self.scale), self.bias)
         flat = x.reshape(-1, self.in_features)
-        if self.format == "float16":
-            out = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
-        else:
-            out = self._int8(flat)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def _int8(self, flat: torch.Tensor) -> torch.Tensor:
-        """fbgemm's dynamic int8 GEMM with each token's activations quantized on their own scale.
-
-        fbgemm picks one activation range per call, so a token's result would depend on the others in its
-        batch (and a chunked prefill would differ from one pass). Each row is divided by its largest magnitude
-        and one extra row spans [-1, 1], so the call's range is always [-1, 1]; the rows are scaled back after.
-        reduce_range keeps activations to 7 bits, as AVX2's int8 products must fit in 16 bits.
-        """
-        peak = flat.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(flat.dtype).tiny)
-        span = flat.new_zeros(1, self.in_features)
-        span[0, 0], span[0, -1] = 1.0, -1.0
-        out = torch.ops.quantized.linear_dynamic(torch.cat([flat / peak, span]), self.packed, True)[:-1]
-        out = out * peak
-        return out if self.bias is None else out + self.bias
+        return torch.ops.quantized.linear_dynamic_fp16(flat, self.packed).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
 
 
 class CompactEmbedding(nn.Module):
-    """A token embedding with rows stored in float16, or int8 with a scale per row, widened when looked up.
+    """A token embedding with rows stored in float16 or as int8 blocks, widened when looked up.
 
-    Keeps the multiplier of scaled embeddings (Gemma's `embed_scale`).
+    Keeps the multiplier of scaled embeddings (Gemma's `embed_scale`). `blocks`: int8 rows made elsewhere.
     """
 
-    def __init__(self, embedding: nn.Embedding, fmt: str) -> None:
+    def __init__(self, embedding: nn.Embedding, fmt: str, blocks: Int8Blocks | None = None) -> None:
         super().__init__()
         weight = embedding.weight.detach()
         self.num_embeddings, self.embedding_dim, self.format = weight.shape[0], weight.shape[1], fmt
         if fmt == "float16":
-            self.rows, self.row_scale = nn.Buffer(weight.half()), None
+            self.rows, self.scale = nn.Buffer(weight.half()), None
         else:
-            rows, scale = _int8_rows(weight)
-            self.rows, self.row_scale = nn.Buffer(rows), nn.Buffer(scale)
+            blocks = blocks if blocks is not None else Int8Blocks.quantize(weight)
+            self.rows, self.scale = nn.Buffer(blocks.rows), nn.Buffer(blocks.scale)
         scale = getattr(embedding, "embed_scale", None)
         self.embed_scale = None if scale is None else float(scale)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.embedding(input_ids, self.rows).float()
-        if self.row_scale is not None:
-            out = out * self.row_scale[input_ids].unsqueeze(-1)
+        if self.scale is None:
+            out = nn.functional.embedding(input_ids, self.rows).float()
+        else:
+            out = Int8Blocks(self.rows, self.scale).lookup(input_ids)
         return out if self.embed_scale is None else out * self.embed_scale
 
     def extra_repr(self) -> str:
@@ -134,7 +107,9 @@ def check_format(fmt: str, device: str = "cpu", dtype: str = "float32") -> None:
     if torch.device(device).type != "cpu" or dtype != "float32":
         raise ValueError(f"{fmt} weights are for float32 compute on CPU, not {dtype} on {device}: "
                          f"use --weights dense there")
-    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+    if fmt == "int8":
+        linear_native.library()  # built here, or a NativeBuildError that says why, before anything loads
+    elif torch.backends.quantized.engine not in ("x86", "fbgemm"):
         raise ValueError(f"{fmt} weights need torch's x86 (fbgemm) kernels; this CPU has the "
                          f"{torch.backends.quantized.engine!r} engine: use --weights dense")
 
@@ -142,9 +117,9 @@ def check_format(fmt: str, device: str = "cpu", dtype: str = "float32") -> None:
 def compress(model: nn.Module, fmt: str) -> nn.Module:
     """Store `model`'s linear layers and input embedding in `fmt` (in place; "dense" leaves it as it is).
 
-    Every nn.Linear becomes a PackedLinear (a tied LM head too: it gets its own packed copy) and the input
-    embedding a CompactEmbedding; the float32 weights are released. The model keeps the identity of its dense
-    weights (so their calibrated profile). A CPU float32 model only.
+    Every nn.Linear becomes a PackedLinear and the input embedding a CompactEmbedding; an LM head tied to the
+    embedding shares its int8 blocks (float16: it gets its own packed copy). The float32 weights are released.
+    The model keeps the identity of its dense weights (so their calibrated profile). A CPU float32 model only.
     """
     parameter = next(model.parameters())
     check_format(fmt, str(parameter.device), str(parameter.dtype).removeprefix("torch."))
@@ -155,13 +130,65 @@ def compress(model: nn.Module, fmt: str) -> nn.Module:
         raise UnsupportedModelError(f"{type(embedding).__name__} is not an embedding {fmt} weights support: "
                                     f"use --weights dense")
     identity = model_identity(model)  # the profile measured on the dense weights stays this model's
+    pages = _FilePages()
+    for parameter in model.parameters():
+        pages.release(parameter)  # the identity's samples read pages of each
+    head = model.get_output_embeddings()
+    tied = isinstance(head, nn.Linear) and head.weight.data_ptr() == embedding.weight.data_ptr()
+    shared = Int8Blocks.quantize(embedding.weight.detach(), done=pages.release) if fmt == "int8" else None
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name, module in targets:
-        _replace(model, name, PackedLinear(module, fmt))
-    model.set_input_embeddings(CompactEmbedding(embedding, fmt))
+        _replace(model, name, PackedLinear(module, fmt, shared if tied and module is head else None))
+        pages.release(module.weight)
+    model.set_input_embeddings(CompactEmbedding(embedding, fmt, shared))
+    pages.release(embedding.weight)
     _own_memory(model)
     setattr(model, IDENTITY_ATTRIBUTE, identity)
     return model
+
+
+class _FilePages:
+    """Drops the pages of a weight read from a file mapping (a checkpoint loaded as a memory map) from this
+    process's memory once it has been packed, so that packing a model never holds the whole file: they stay in
+    the page cache, and a later read faults them in again from the file. Only where every page of the weight is
+    still the file's (none copied on write, per /proc/self/pagemap); other memory is left alone. Linux only;
+    elsewhere nothing is released and the peak is only higher."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split()
+                    if len(fields) >= 6 and fields[5].startswith("/"):
+                        self.ranges.append(tuple(int(x, 16) for x in fields[0].split("-")))
+            self.libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            self.ranges = []
+
+    def release(self, tensor: torch.Tensor) -> None:
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(low <= start and end <= high for low, high in self.ranges):
+            return
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor
+        if last > first and self._all_from_the_file(first, last):
+            self.libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+    @staticmethod
+    def _all_from_the_file(first: int, last: int) -> bool:
+        """No page in [first, last) is anonymous (copied on write, or swapped): each is absent or the file's."""
+        page = mmap.PAGESIZE
+        try:
+            with open("/proc/self/pagemap", "rb") as pagemap:
+                pagemap.seek(first // page * 8)
+                entries = torch.frombuffer(bytearray(pagemap.read((last - first) // page * 8)), dtype=torch.int64)
+        except OSError:
+            return False
+        in_memory = (entries < 0) | ((entries >> 62) & 1).bool()  # bit 63: present; 62: swapped
+        from_file = ((entries >> 61) & 1).bool()
+        return bool((from_file | ~in_memory).all())
 
 
 def _own_memory(model: nn.Module) -> None:
@@ -169,8 +196,8 @@ def _own_memory(model: nn.Module) -> None:
     the packing read and which count in the process's memory while it is open, is closed."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, CompactEmbedding):
-                continue  # made here, not mapped: copying it would only double it for a moment
+            if isinstance(module, (CompactEmbedding, PackedLinear)):
+                continue  # made here, not mapped (and maybe shared): copying would only double them
             for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
                 tensor.data = tensor.data.clone()
 

@@ -1,0 +1,107 @@
+"""Float32 activations times int8 weights in blocks of 32 (one scale each), in C (`linear_native.c`), on CPU.
+
+A decode step is a chain of matrix-vector products that read every weight once, so its speed on a CPU is the
+bytes of weights per token. torch's int8 and int4 weight-only kernels are slower than float32 on AVX2 cores and
+its dynamic int8 rounds the activations too (benchmarks/weight_kernels.py); this reads 1.125 bytes per weight
+and keeps the activations and every sum in float32. Calls of up to `NATIVE_TOKENS` tokens run in C; longer ones
+(prefill, which is compute-bound) widen the weights a slice of rows at a time for torch's matrix product. Built
+on first use with the system's C compiler (`selfextend.native`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from .native import load
+
+SOURCE = Path(__file__).with_name("linear_native.c")
+QBLOCK = 32  # weights per scale, along the input (the C source's QBLOCK)
+NATIVE_TOKENS = 16  # calls of up to this many tokens take the C kernel; longer ones torch's matrix product
+WIDEN_BYTES = 32 << 20  # float32 weights widened at a time for a long call's matrix product
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+@cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel (raises `NativeBuildError` when it cannot be built here)."""
+    lib = load(SOURCE)
+    lib.se_linear_int8.restype = None
+    lib.se_linear_int8.argtypes = [_P, _I, _I, _P, _P, _I, _I, _P, _P, _I]
+    return lib
+
+
+@dataclass(frozen=True)
+class Int8Blocks:
+    """Weights [out, in] as int8 `rows` and float32 `scale` [out, ceil(in / QBLOCK)]: row r, input k weighs
+    scale[r, k // QBLOCK] * rows[r, k]."""
+
+    rows: torch.Tensor
+    scale: torch.Tensor
+
+    def __post_init__(self) -> None:
+        out_rows, inputs = self.rows.shape
+        blocks = -(-inputs // QBLOCK)
+        if self.rows.dtype != torch.int8 or not self.rows.is_contiguous() or self.scale.dtype != torch.float32 \
+                or self.scale.shape != (out_rows, blocks) or not self.scale.is_contiguous():
+            raise ValueError(f"int8 blocks: contiguous int8 rows [{out_rows}, {inputs}] and float32 scales "
+                             f"[{out_rows}, {blocks}], got {self.rows.dtype} and {self.scale.dtype} "
+                             f"{tuple(self.scale.shape)}")
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, chunk: int = 4096,
+                 done: Callable[[torch.Tensor], None] | None = None) -> Int8Blocks:
+        """Symmetric int8 per block of `QBLOCK` inputs, each block on its largest magnitude / 127. In chunks of
+        rows, so a large embedding needs no float copy of itself; `done` is given each chunk of `weight` read."""
+        out_rows, inputs = weight.shape
+        blocks = -(-inputs // QBLOCK)
+        rows = torch.empty(weight.shape, dtype=torch.int8)
+        scale = torch.empty(out_rows, blocks)
+        for start in range(0, out_rows, chunk):
+            part = weight[start:start + chunk].float()
+            padded = torch.nn.functional.pad(part, (0, blocks * QBLOCK - inputs)).view(len(part), blocks, QBLOCK)
+            part_scale = padded.abs().amax(dim=2).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            scale[start:start + chunk] = part_scale
+            rows[start:start + chunk] = torch.round(padded / part_scale[:, :, None]).view(len(part), -1)[:, :inputs]
+            if done is not None:
+                done(weight[start:start + chunk])
+        return cls(rows, scale)
+
+    def widen(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start:stop as the float32 weights they stand for."""
+        part = self.rows[start:stop].float()
+        return part * self.scale[start:stop].repeat_interleave(QBLOCK, dim=1)[:, :part.shape[1]]
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float32 rows of `ids` (an embedding's lookup)."""
+        rows = self.rows[ids].float()
+        return rows * self.scale[ids].repeat_interleave(QBLOCK, dim=-1)[..., :rows.shape[-1]]
+
+
+def linear(x: torch.Tensor, weights: Int8Blocks, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] float32 times the weights [out, in], plus bias [out]: [..., out] float32."""
+    out_rows, inputs = weights.rows.shape
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != inputs:
+        raise TypeError(f"int8 weights [{out_rows}, {inputs}] take float32 CPU inputs of {inputs} features, got "
+                        f"{x.dtype} on {x.device} of {x.shape[-1]}")
+    flat = x.reshape(-1, inputs)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    tokens = flat.shape[0]
+    out = torch.empty(tokens, out_rows)
+    if tokens <= NATIVE_TOKENS:
+        library().se_linear_int8(flat.data_ptr(), tokens, flat.stride(0), weights.rows.data_ptr(),
+                                 weights.scale.data_ptr(), out_rows, inputs,
+                                 None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0))
+        return out.view(*x.shape[:-1], out_rows)
+    step = max(1, WIDEN_BYTES // (4 * inputs))
+    for start in range(0, out_rows, step):
+        out[:, start:start + step] = flat @ weights.widen(start, start + step).T
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], out_rows)
