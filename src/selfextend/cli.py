@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import models
 from .config import CHOICES, FLAGS, check_request, training_length
-from .errors import CommandError, UnsupportedModelError
+from .errors import CommandError, NativeBuildError, UnsupportedModelError
 from .integration import apply_plan
 from .planning import Plan, find_profile, resolve, uses_profile
 from .rotary import rope_parameters_of
@@ -82,7 +82,7 @@ def _load_model(args, source: models.ModelSource):
     """The model the run options ask for (device, dtype, weight format), a bad combination refused first."""
     try:
         check_format(args.weights, args.device, args.dtype)
-    except ValueError as error:
+    except (ValueError, NativeBuildError) as error:
         raise CommandError(str(error)) from error
     return models.load_model(source, device=args.device, dtype=args.dtype, weights=args.weights)
 
@@ -358,7 +358,8 @@ def _add_run_options(parser: argparse.ArgumentParser, quiet: bool = True) -> Non
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--weights", default=DEFAULT_WEIGHTS, choices=WEIGHT_FORMATS,
                         help="how linear weights are stored: dense (as --dtype), float16 or int8 (CPU, float32 "
-                             f"compute; lighter and faster to decode; default {DEFAULT_WEIGHTS})")
+                             "compute; lighter and faster to decode; int8 builds a C kernel with the system's "
+                             f"compiler on first use; default {DEFAULT_WEIGHTS})")
     if quiet:
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
