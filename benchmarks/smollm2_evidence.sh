@@ -14,11 +14,11 @@ time selfextend eval perplexity $m --lengths 16k --out "$out/ppl" \
   --methods vanilla,selfextend,truncated,yarn,dynamic,$sweep16
 time selfextend eval perplexity $m --lengths 8k --out "$out/ppl" --methods vanilla,selfextend,string,truncated
 # retrieval at 16K: planned against the calibrated profile and the best hand-picked by perplexity (G=3, W=2048),
-# 2 keys x 3 depths for passkey, 1 key x 3 depths for niah; vanilla, 1 key x 3 depths
+# 2 keys x 3 depths for passkey and niah; vanilla, 1 key x 3 depths
 time selfextend eval passkey $m --lengths 16k --depths 0.25,0.5,0.75 --samples 2 --out "$out/passkey" \
   --methods selfextend,selfextend:G=3,W=2048
-time selfextend eval niah $m --lengths 16k --depths 0.25,0.5,0.75 --out "$out/niah" \
-  --methods selfextend,selfextend:G=3,W=2048
+time selfextend eval niah $m --lengths 16k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" \
+  --methods selfextend,selfextend:G=3,W=2048  # the second needle (--samples 2) ran on 2026-12-02
 time selfextend eval passkey $m --lengths 16k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods vanilla
 # the W = E/2 rule with the largest position at E (G=15, W=1024 at 16K), tried for the planner and not
 # taken: it missed both keys at depth 0.25, so the run was stopped after 2 samples
@@ -33,7 +33,7 @@ time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" \
   --methods selfextend,truncated,selfextend:G=8,W=2048,vanilla
 # the passkey at 32K with that hand-picked G/W, one key x 3 depths
 time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods selfextend:G=8,W=2048
-# not run yet (about 4x a 16K cell each): second niah keys, the hand-picked G/W's second passkey and niah at
-# 32K, yarn and dynamic at 32K
-#   selfextend eval niah $m --lengths 16k,32k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" --methods selfextend
+# not run yet (about 4x a 16K cell each): the second niah needle at 32K, the hand-picked G/W's second passkey
+# and niah at 32K, yarn and dynamic at 32K
+#   selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" --methods selfextend
 #   selfextend eval perplexity $m --lengths 32k --out "$out/ppl" --methods yarn,dynamic
