@@ -132,10 +132,8 @@ def measure(fmt: str, lengths: list[int], methods: list[str], steps: int, model_
     import selfextend
     from selfextend import models
     from selfextend.transformers_compat import cache_kwargs
-    from selfextend.weights import compress
-
     source = models.resolve(model_name)
-    model = compress(models.load_model(source), fmt)
+    model = models.load_model(source, weights=fmt)  # as the commands load it (its peak RSS too)
     rows = []
     for n in lengths:
         for method in methods:
