@@ -21,7 +21,7 @@ def test_a_strided_head_dimension_gives_the_contiguous_result():
 def test_a_decode_steps_few_rows_match_the_explicit_form():
     """The few-row path (heads folded into rows, value product split along the keys) is the explicit softmax:
     GQA, key counts not divisible by the split or below it, masks, a row that sees no key, strided caches."""
-    from selfextend.attention.partial import FEW_ROWS, SPLITS, _attend_math
+    from selfextend.attention.partial import FEW_ROWS, SPLITS, _attend_few, _attend_math, _no_key_rows
 
     torch.manual_seed(0)
     for n, hq, hkv, m in [(1, 4, 1, 1037), (1, 8, 2, SPLITS - 3), (2, 4, 2, 64), (1, 9, 3, 5000)]:
@@ -32,7 +32,7 @@ def test_a_decode_steps_few_rows_match_the_explicit_form():
         mask = torch.rand(2, 1, n, m) > 0.3
         mask[1, :, 0] = False  # a row that sees no key
         for given in (None, mask):
-            got, got_lse = attend(query, key, value, given, 0.2)
+            got, got_lse = _no_key_rows(*_attend_few(query, key, value, given, 0.2), given)
             expected, expected_lse = _attend_math(query, key, value, given, 0.2)
             if given is not None:
                 expected = expected.masked_fill(~given.any(-1)[..., None], 0.0)
@@ -42,19 +42,20 @@ def test_a_decode_steps_few_rows_match_the_explicit_form():
 
 
 def test_a_decode_step_of_a_selfextend_model_takes_the_few_row_path(monkeypatch):
-    """The few-row path is what a decode step runs (a quiet fallback to the one-thread kernel would fail here)."""
+    """The few-row path is what a decode step runs over many keys (a quiet fallback to the one-thread kernel
+    would fail here); over the few keys of its neighbor window it is one call of the flash kernel."""
     import selfextend
     from selfextend.attention import partial
     from selfextend.kv_cache import new_cache
     from selfextend.transformers_compat import cache_kwargs
     from conftest import make_model
 
-    model = selfextend.apply(make_model("llama"), 4, 8)
-    ids = torch.randint(3, 97, (1, 60), generator=torch.Generator().manual_seed(1))
+    model = selfextend.apply(make_model("llama"), 64, 8)  # a limit of 3592 tokens
+    ids = torch.randint(3, 97, (1, partial.FEW_KEYS + 100), generator=torch.Generator().manual_seed(1))
     cache = new_cache(model.config)
     with torch.inference_mode():
         model(ids, **cache_kwargs(model, cache), use_cache=True)
         calls, few = [], partial._attend_few
         monkeypatch.setattr(partial, "_attend_few", lambda *args: calls.append(args[0].shape) or few(*args))
         model(ids[:, -1:], **cache_kwargs(model, cache), use_cache=True)
-    assert len(calls) >= 2 * model.config.num_hidden_layers  # neighbor and grouped partials of every layer
+    assert len(calls) == model.config.num_hidden_layers  # the grouped partial of every layer (2100 keys)
