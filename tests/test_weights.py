@@ -11,6 +11,7 @@ from transformers import DynamicCache
 import selfextend
 from selfextend.identity import model_identity
 from selfextend.transformers_compat import cache_kwargs
+from selfextend import linear_native
 from selfextend.linear_native import NATIVE_TOKENS, QBLOCK, Int8Blocks
 from selfextend.weights import CompactEmbedding, PackedLinear, _FilePages, check_format, compress
 from conftest import make_model
@@ -62,6 +63,8 @@ def test_int8_linear_refuses_inputs_it_cannot_take():
         packed(torch.randn(2, 63))
     with pytest.raises(TypeError, match="float32"):
         packed(torch.randn(2, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"bias must be contiguous float32 \[8\]"):
+        linear_native.linear(torch.randn(2, 64), Int8Blocks(packed.rows, packed.scale), torch.zeros(7))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

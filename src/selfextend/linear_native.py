@@ -89,6 +89,8 @@ def linear(x: torch.Tensor, weights: Int8Blocks, bias: torch.Tensor | None = Non
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != inputs:
         raise TypeError(f"int8 weights [{out_rows}, {inputs}] take float32 CPU inputs of {inputs} features, got "
                         f"{x.dtype} on {x.device} of {x.shape[-1]}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_rows,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous float32 [{out_rows}], got {bias.dtype} {tuple(bias.shape)}")
     flat = x.reshape(-1, inputs)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
