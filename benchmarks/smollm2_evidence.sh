@@ -14,13 +14,14 @@ time selfextend eval perplexity $m --lengths 16k --out "$out/ppl" \
   --methods vanilla,selfextend,truncated,yarn,dynamic,$sweep16
 time selfextend eval perplexity $m --lengths 8k --out "$out/ppl" --methods vanilla,selfextend,string,truncated
 # retrieval at 16K: planned against the calibrated profile and the best hand-picked by perplexity (G=3, W=2048),
-# 2 keys x 3 depths for passkey and niah; vanilla's passkey the same
+# 2 keys x 3 depths for passkey and niah; vanilla the same (2026-12-02)
 time selfextend eval passkey $m --lengths 16k --depths 0.25,0.5,0.75 --samples 2 --out "$out/passkey" \
   --methods selfextend,selfextend:G=3,W=2048
 time selfextend eval niah $m --lengths 16k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" \
   --methods selfextend,selfextend:G=3,W=2048  # the second needle (--samples 2) ran on 2026-12-02
 time selfextend eval passkey $m --lengths 16k --depths 0.25,0.5,0.75 --samples 2 --out "$out/passkey" \
   --methods vanilla  # the second key (--samples 2) ran on 2026-12-02
+time selfextend eval niah $m --lengths 16k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" --methods vanilla
 # the W = E/2 rule with the largest position at E (G=15, W=1024 at 16K), tried for the planner and not
 # taken: it missed both keys at depth 0.25, so the run was stopped after 2 samples
 #   selfextend eval passkey $m --lengths 16k --depths 0.25,0.5,0.75 --samples 2 --out "$out/passkey" \
