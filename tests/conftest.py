@@ -90,6 +90,24 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def no_c_compiler(tmp_path, monkeypatch):
+    """No compiler and no built kernels: a native kernel that is needed must be built, and cannot be."""
+    from selfextend import native
+    from selfextend.attention import few_native
+    from selfextend import linear_native
+
+    def clear():
+        for cached in (native.load, linear_native.library, few_native.library, few_native.available):
+            cached.cache_clear()
+
+    monkeypatch.setenv("SELFEXTEND_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CC", "/no/such/cc")
+    clear()
+    yield
+    clear()
+
+
+@pytest.fixture
 def rotated_keys(monkeypatch) -> list[int]:
     """How many keys each grouped-key rotation rotated, in call order: shows whether kept grouped keys were used."""
     from selfextend.rotary import GroupedRotation

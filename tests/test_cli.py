@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from selfextend import cli, linear_native, native
+from selfextend import cli
 from selfextend.samples import passkey_sample
 from conftest import TRAIN_LENGTH
 
@@ -162,18 +162,6 @@ def test_ctrl_c_stops_cleanly(model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("selfextend.models.load_model", interrupted)
     code, out, err = run(capsys, "generate", "--input", tmp_path / "doc.txt", "--model", model_dir, "--quiet")
     assert code == 130 and "interrupted" in err and "Traceback" not in err
-
-
-@pytest.fixture
-def no_c_compiler(tmp_path, monkeypatch):
-    """No compiler and no built kernels: the int8 kernel must be built, and cannot be."""
-    monkeypatch.setenv("SELFEXTEND_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("CC", "/no/such/cc")
-    linear_native.library.cache_clear()
-    native.load.cache_clear()
-    yield
-    linear_native.library.cache_clear()
-    native.load.cache_clear()
 
 
 def test_int8_weights_without_a_c_compiler_say_so(model_dir, tmp_path, capsys, no_c_compiler):

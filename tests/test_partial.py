@@ -1,6 +1,7 @@
 """One attention partial: inputs whose head dimension is not unit-stride (keys read from a transposed cache, as
 vLLM's CPU cache keeps them) give what contiguous ones give."""
 
+import pytest
 import torch
 
 from selfextend.attention.partial import attend
@@ -18,34 +19,78 @@ def test_a_strided_head_dimension_gives_the_contiguous_result():
         torch.testing.assert_close(got_lse, expected_lse, atol=0, rtol=0)
 
 
+FEW_ROW_CASES = [  # (queries, query heads, KV heads, keys, head dim): GQA; keys past, within and under a chunk
+    (1, 4, 1, 1037, 32), (1, 8, 2, 5, 32), (2, 4, 2, 64, 40), (1, 9, 3, 5000, 64), (1, 16, 1, 600, 24), (1, 1, 1, 513, 8)]
+
+
+def _few_row_inputs(n, hq, hkv, m, d):
+    query = torch.randn(2, hq, n, d)
+    buffer_k, buffer_v = torch.randn(2, hkv, m + 40, d), torch.randn(2, hkv, m + 40, d)
+    key, value = buffer_k[:, :, :m], buffer_v[:, :, :m]  # views of a cache with room to spare
+    mask = torch.rand(2, 1, n, m) > 0.3
+    mask[1, :, 0] = False  # a row that sees no key
+    return query, key, value, mask
+
+
+def _explicit(query, key, value, mask):
+    """The explicit softmax, with a row that sees no key at output 0 and lse -inf."""
+    from selfextend.attention.partial import _attend_math
+
+    out, lse = _attend_math(query, key, value, mask, 0.2)
+    if mask is not None:
+        out = out.masked_fill(~mask.any(-1)[..., None], 0.0)
+        lse = lse.masked_fill(~mask.any(-1), float("-inf"))
+    return out, lse
+
+
 def test_a_decode_steps_few_rows_match_the_explicit_form():
-    """The few-row path (heads folded into rows, value product split along the keys) is the explicit softmax:
-    GQA, key counts not divisible by the split or below it, masks, a row that sees no key, strided caches."""
-    from selfextend.attention.partial import FEW_ROWS, SPLITS, _attend_few, _attend_math, _no_key_rows
+    """The few-row paths, torch's (heads folded into rows, value product split along the keys) and the native
+    kernel (rows padded to groups, keys in chunks merged by log-sum-exp), are the explicit softmax: GQA, key
+    counts not divisible by the split, the chunk or the sub-block, head dims not divisible by the vector width,
+    masks (per batch entry and broadcast), a row that sees no key, strided caches."""
+    from selfextend.attention import few_native
+    from selfextend.attention.partial import FEW_ROWS, SPLITS, _attend_few, _no_key_rows
 
     torch.manual_seed(0)
-    for n, hq, hkv, m in [(1, 4, 1, 1037), (1, 8, 2, SPLITS - 3), (2, 4, 2, 64), (1, 9, 3, 5000)]:
+    assert any(m < SPLITS for _, _, _, m, _ in FEW_ROW_CASES)
+    for n, hq, hkv, m, d in FEW_ROW_CASES:
         assert hq // hkv * n <= FEW_ROWS
-        query = torch.randn(2, hq, n, 32)
-        buffer_k, buffer_v = torch.randn(2, hkv, m + 40, 32), torch.randn(2, hkv, m + 40, 32)
-        key, value = buffer_k[:, :, :m], buffer_v[:, :, :m]  # views of a cache with room to spare
-        mask = torch.rand(2, 1, n, m) > 0.3
-        mask[1, :, 0] = False  # a row that sees no key
-        for given in (None, mask):
-            got, got_lse = _no_key_rows(*_attend_few(query, key, value, given, 0.2), given)
-            expected, expected_lse = _attend_math(query, key, value, given, 0.2)
-            if given is not None:
-                expected = expected.masked_fill(~given.any(-1)[..., None], 0.0)
-                expected_lse = expected_lse.masked_fill(~given.any(-1), float("-inf"))
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got_lse, expected_lse, atol=1e-5, rtol=1e-5)
+        query, key, value, mask = _few_row_inputs(n, hq, hkv, m, d)
+        for given in (None, mask, mask[:1]):
+            expected, expected_lse = _explicit(query, key, value, given)
+            for kernel in (_attend_few, few_native.attend_few):
+                got, got_lse = _no_key_rows(*kernel(query, key, value, given, 0.2), given)
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(got_lse, expected_lse, atol=1e-5, rtol=1e-5)
 
 
-def test_a_decode_step_of_a_selfextend_model_takes_the_few_row_path(monkeypatch):
-    """The few-row path is what a decode step runs over many keys (a quiet fallback to the one-thread kernel
-    would fail here); over the few keys of its neighbor window it is one call of the flash kernel."""
+def test_the_native_kernel_reports_rows_that_see_no_key_itself():
+    """Output 0 and lse -inf for a row whose mask hides every key, from the kernel alone (no clean-up after)."""
+    from selfextend.attention import few_native
+
+    torch.manual_seed(1)
+    query, key, value, mask = _few_row_inputs(1, 4, 2, 700, 16)
+    out, lse = few_native.attend_few(query, key, value, mask, 0.2)
+    assert torch.equal(out[1, :, 0], torch.zeros(4, 16)) and bool((lse[1, :, 0] == float("-inf")).all())
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse[0]).all())
+
+
+def test_without_a_c_compiler_decode_attention_says_so_and_runs_on_torch(no_c_compiler):
+    from selfextend.attention.partial import _attend_few, attend
+
+    torch.manual_seed(2)
+    query, key, value, _ = _few_row_inputs(1, 4, 1, 3000, 32)
+    with pytest.warns(UserWarning, match="decode attention runs on torch's kernels.*no C compiler"):
+        got, got_lse = attend(query, key, value, None, 0.2)
+    expected, expected_lse = _attend_few(query, key, value, None, 0.2)
+    assert torch.equal(got, expected) and torch.equal(got_lse, expected_lse)
+
+
+def test_a_decode_step_of_a_selfextend_model_takes_the_native_few_row_path(monkeypatch):
+    """The native few-row kernel is what a float32 decode step runs over many keys (a quiet fallback to torch's
+    kernels would fail here); over the few keys of its neighbor window it is one call of the flash kernel."""
     import selfextend
-    from selfextend.attention import partial
+    from selfextend.attention import few_native, partial
     from selfextend.kv_cache import new_cache
     from selfextend.transformers_compat import cache_kwargs
     from conftest import make_model
@@ -55,7 +100,7 @@ def test_a_decode_step_of_a_selfextend_model_takes_the_few_row_path(monkeypatch)
     cache = new_cache(model.config)
     with torch.inference_mode():
         model(ids, **cache_kwargs(model, cache), use_cache=True)
-        calls, few = [], partial._attend_few
-        monkeypatch.setattr(partial, "_attend_few", lambda *args: calls.append(args[0].shape) or few(*args))
+        calls, few = [], few_native.attend_few
+        monkeypatch.setattr(few_native, "attend_few", lambda *args: calls.append(args[0].shape) or few(*args))
         model(ids[:, -1:], **cache_kwargs(model, cache), use_cache=True)
     assert len(calls) == model.config.num_hidden_layers  # the grouped partial of every layer (2100 keys)

@@ -2,9 +2,9 @@
 
 The fused kernels are plain C (no Python or torch headers), so a build takes about a second with the system's C
 compiler (`$CC`, else `cc`); torch's own extension builder would spend most of a minute on its headers. The
-library is kept under $SELFEXTEND_HOME/native (~/.cache/selfextend/native), keyed by the source, the
-compiler and this CPU's flags (it is built for this CPU), and written atomically so that concurrent processes
-(vLLM's workers) can build it at once. OpenMP is torch's own runtime (same soname), so threads are shared.
+library is kept under $SELFEXTEND_HOME/native (~/.cache/selfextend/native), keyed by the source and the headers it
+includes, the compiler and this CPU's flags (it is built for this CPU), and written atomically so that concurrent
+processes (vLLM's workers) can build it at once. OpenMP is torch's own runtime (same soname), so threads are shared.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -37,6 +38,11 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def _local_headers(source: Path) -> list[Path]:
+    """The headers `source` includes by `#include "name"`, beside it: part of what the library is built from."""
+    return [source.with_name(name) for name in re.findall(r'^#include "([^"]+)"', source.read_text(), re.M)]
+
+
 @cache
 def load(source: Path) -> ctypes.CDLL:
     """The library built from `source` (a .c file), compiled on first use on this machine."""
@@ -45,7 +51,8 @@ def load(source: Path) -> ctypes.CDLL:
         raise NativeBuildError(f"no C compiler ({compiler!r}) to build {source.name}: install one (e.g. "
                                f"`apt install gcc`) or set $CC")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), compiler, version, _cpu_flags(), *FLAGS,
+    texts = [source.read_text()] + [header.read_text() for header in _local_headers(source)]
+    key = hashlib.sha256("\0".join([*texts, compiler, version, _cpu_flags(), *FLAGS,
                                     torch.__version__]).encode()).hexdigest()[:16]
     target = cache_home() / "native" / f"{source.stem}-{key}.so"
     if not target.exists():

@@ -1,0 +1,221 @@
+/* Softmax attention of a few query rows over many keys, float32, each key and value read once: a decode step's
+   partials (partial.attend's few-row case), with each row's log-sum-exp for the merge.
+
+   query [b, hq, n, d] and key/value [b, hkv, m, d] come with their strides (the head dimension unit-stride);
+   an optional bool mask broadcast to [b, 1, n, m] with its strides (0 where broadcast). The hq / hkv query
+   heads sharing a KV head, times the n queries, are that head's R rows: each key is read once for all R.
+   Work items are (batch, KV head, chunk of CHUNK keys), so one long row spreads over every thread; a row's
+   chunks are merged by log-sum-exp. out [b, hq, n, d] and lse [b, hq, n] are contiguous; a row that sees no
+   key gets output 0 and lse -inf. Threads are OpenMP's, the runtime torch itself uses. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native_exp.h"
+
+#define CHUNK 512 /* keys per work item */
+#define SUB 16    /* keys whose logits are taken before their values are added (their values stay in L1) */
+#define GROUP 4   /* rows read against each key or value vector at once */
+
+typedef struct {
+    const float *q, *k, *v;
+    const uint8_t *mask;
+    int64_t qb, qh, qn, kb, kh, km, vb, vh, vm, mb, mn, mm;
+    int64_t hq, hkv, n, m, d, rows, padded;
+    float scale;
+} Args;
+
+static inline v8f load8(const float *p) {
+    v8f x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline void store8(float *p, v8f x) { memcpy(p, &x, sizeof x); }
+
+static inline float sum8(v8f x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
+
+static inline v8f max8(v8f a, v8f b) {
+    const v8i greater = a > b;
+    return (v8f)(((v8i)a & greater) | ((v8i)b & ~greater));
+}
+
+/* e where the logit x was a key's (e^-87 where x is -inf would add a hidden key's value, however little) */
+static inline v8f seen(v8f x, v8f e) { return (v8f)((v8i)e & ~(x == -INFINITY)); }
+
+/* logits x[r][s] = scale · Q[r] · k_(j0 + s) for the padded rows Q [padded][d] and `count` keys; -inf where the
+   mask hides the pair and past `count`. The keys' values are prefetched meanwhile: add_values reads them a
+   column strip at a time, which the hardware prefetcher does not follow. */
+static void take_logits(const Args *A, const float *Q, const float *K, const float *V, int64_t b, int64_t j0,
+                        int64_t count, float *x) {
+    const int64_t d = A->d, body = d - d % 8;
+    for (int64_t s = 0; s < count; s++) {
+        const float *key = K + (j0 + s) * A->km, *value = V + (j0 + s) * A->vm;
+        for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(value + c); /* read by add_values next */
+        for (int64_t r0 = 0; r0 < A->padded; r0 += GROUP) {
+            const float *q = Q + r0 * d;
+            v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t c = 0; c < body; c += 8) {
+                const v8f kv = load8(key + c);
+                a0 += load8(q + c) * kv;
+                a1 += load8(q + d + c) * kv;
+                a2 += load8(q + 2 * d + c) * kv;
+                a3 += load8(q + 3 * d + c) * kv;
+            }
+            float t[GROUP] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+            for (int64_t c = body; c < d; c++)
+                for (int g = 0; g < GROUP; g++) t[g] += q[g * d + c] * key[c];
+            for (int g = 0; g < GROUP; g++) x[(r0 + g) * SUB + s] = t[g] * A->scale;
+        }
+    }
+    for (int64_t r = 0; r < A->padded; r++)
+        for (int64_t s = count; s < SUB; s++) x[r * SUB + s] = -INFINITY;
+    if (A->mask)
+        for (int64_t r = 0; r < A->rows; r++) {
+            const uint8_t *seen = A->mask + b * A->mb + (r % A->n) * A->mn + j0 * A->mm;
+            for (int64_t s = 0; s < count; s++)
+                if (!seen[s * A->mm]) x[r * SUB + s] = -INFINITY;
+        }
+}
+
+/* acc[r] += sum_s p[r][s] · v_(j0 + s) for the padded rows, GROUP rows × 16 dimensions held in registers */
+static void add_values(const Args *A, const float *p, const float *V, int64_t j0, int64_t count, float *acc) {
+    const int64_t d = A->d, body = d - d % 16;
+    for (int64_t r0 = 0; r0 < A->padded; r0 += GROUP) {
+        float *o = acc + r0 * d;
+        const float *w = p + r0 * SUB;
+        for (int64_t c = 0; c < body; c += 16) {
+            v8f a[GROUP][2];
+            for (int g = 0; g < GROUP; g++) {
+                a[g][0] = load8(o + g * d + c);
+                a[g][1] = load8(o + g * d + c + 8);
+            }
+            for (int64_t s = 0; s < count; s++) {
+                const float *value = V + (j0 + s) * A->vm + c;
+                const v8f v0 = load8(value), v1 = load8(value + 8);
+                for (int g = 0; g < GROUP; g++) {
+                    a[g][0] += w[g * SUB + s] * v0;
+                    a[g][1] += w[g * SUB + s] * v1;
+                }
+            }
+            for (int g = 0; g < GROUP; g++) {
+                store8(o + g * d + c, a[g][0]);
+                store8(o + g * d + c + 8, a[g][1]);
+            }
+        }
+        for (int64_t c = body; c < d; c++)
+            for (int g = 0; g < GROUP; g++)
+                for (int64_t s = 0; s < count; s++) o[g * d + c] += w[g * SUB + s] * V[(j0 + s) * A->vm + c];
+    }
+}
+
+/* One item: its rows' unnormalized softmax state over keys [lo, hi): max top[r], sum total[r], acc[r][d]. Q is
+   the padded rows' copy, x scratch for SUB logits per padded row. */
+static void attend(const Args *A, int64_t b, int64_t h, int64_t lo, int64_t hi, const float *Q, float *x,
+                   float *top, float *total, float *acc) {
+    const int64_t d = A->d;
+    const float *K = A->k + b * A->kb + h * A->kh, *V = A->v + b * A->vb + h * A->vh;
+    for (int64_t r = 0; r < A->padded; r++) {
+        top[r] = -INFINITY;
+        total[r] = 0.0f;
+    }
+    memset(acc, 0, A->padded * d * sizeof(float));
+    for (int64_t j0 = lo; j0 < hi; j0 += SUB) {
+        const int64_t count = hi - j0 < SUB ? hi - j0 : SUB;
+        take_logits(A, Q, K, V, b, j0, count, x);
+        for (int64_t r = 0; r < A->padded; r++) {
+            float *p = x + r * SUB;
+            const v8f p0 = load8(p), p1 = load8(p + 8);
+            const v8f most = max8(p0, p1);
+            float peak = -INFINITY;
+            for (int i = 0; i < 8; i++) peak = most[i] > peak ? most[i] : peak;
+            if (r >= A->rows || peak == -INFINITY) { /* a padding row, or every key here hidden: adds nothing */
+                memset(p, 0, SUB * sizeof(float));
+                continue;
+            }
+            if (peak > top[r]) {
+                if (top[r] > -INFINITY) {
+                    const float shrink = exp_one(top[r] - peak);
+                    total[r] *= shrink;
+                    for (int64_t c = 0; c < d; c++) acc[r * d + c] *= shrink;
+                }
+                top[r] = peak;
+            }
+            const v8f e0 = seen(p0, exp_nonpositive(p0 - top[r])), e1 = seen(p1, exp_nonpositive(p1 - top[r]));
+            store8(p, e0);
+            store8(p + 8, e1);
+            total[r] += sum8(e0 + e1);
+        }
+        add_values(A, x, V, j0, count, acc);
+    }
+}
+
+/* Attention of every row into out and lse. Returns 0, or -1 if memory ran out. */
+int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const float *k, int64_t kb, int64_t kh,
+                      int64_t km, const float *v, int64_t vb, int64_t vh, int64_t vm, const uint8_t *mask, int64_t mb,
+                      int64_t mn, int64_t mm, float *out, float *lse, int64_t b, int64_t hq, int64_t hkv, int64_t n,
+                      int64_t m, int64_t d, float scale) {
+    const int64_t g = hq / hkv, rows = g * n, padded = (rows + GROUP - 1) / GROUP * GROUP;
+    const Args A = {q, k, v, mask, qb, qh, qn, kb, kh, km, vb, vh, vm, mb, mn, mm, hq, hkv, n, m, d, rows, padded,
+                    scale};
+    const int64_t chunks = m > 0 ? (m + CHUNK - 1) / CHUNK : 1, items = b * hkv * chunks;
+    const int64_t state = padded * (2 + d); /* per item: top, total, acc */
+    float *states = malloc(items * state * sizeof(float));
+    if (!states) return -1;
+    int64_t failed = 0;
+#pragma omp parallel reduction(+ : failed)
+    {
+        float *Q = malloc(padded * (d + SUB) * sizeof(float)), *x = Q ? Q + padded * d : NULL;
+        int64_t last = -1; /* the (batch, KV head) whose rows Q holds */
+        if (!Q) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            if (!Q) continue;
+            const int64_t pair = item / chunks, c = item % chunks, bi = pair / hkv, h = pair % hkv;
+            if (pair != last) {
+                memset(Q, 0, padded * d * sizeof(float));
+                for (int64_t r = 0; r < rows; r++)
+                    memcpy(Q + r * d, q + bi * qb + (h * g + r / n) * qh + (r % n) * qn, d * sizeof(float));
+                last = pair;
+            }
+            float *s = states + item * state;
+            const int64_t lo = c * CHUNK, hi = lo + CHUNK < m ? lo + CHUNK : m;
+            attend(&A, bi, h, lo, hi, Q, x, s, s + padded, s + 2 * padded);
+        }
+        free(Q);
+    }
+    if (failed) {
+        free(states);
+        return -1;
+    }
+    /* merge each row's chunks by log-sum-exp */
+#pragma omp parallel for schedule(static)
+    for (int64_t pair = 0; pair < b * hkv; pair++) {
+        const int64_t bi = pair / hkv, h = pair % hkv;
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t row = (bi * hq + h * g + r / n) * n + r % n;
+            float *o = out + row * d, peak = -INFINITY, sum = 0.0f;
+            for (int64_t c = 0; c < chunks; c++) {
+                const float t = states[(pair * chunks + c) * state + r];
+                peak = t > peak ? t : peak;
+            }
+            memset(o, 0, d * sizeof(float));
+            if (peak == -INFINITY) {
+                lse[row] = -INFINITY;
+                continue;
+            }
+            for (int64_t c = 0; c < chunks; c++) {
+                const float *s = states + (pair * chunks + c) * state;
+                if (s[r] == -INFINITY) continue;
+                const float w = exp_one(s[r] - peak);
+                sum += s[padded + r] * w;
+                for (int64_t i = 0; i < d; i++) o[i] += s[2 * padded + r * d + i] * w;
+            }
+            for (int64_t i = 0; i < d; i++) o[i] /= sum;
+            lse[row] = peak + logf(sum);
+        }
+    }
+    free(states);
+    return 0;
+}

@@ -1,0 +1,78 @@
+"""A decode step's attention partials in one C call each (`few_native.c`): a few query rows over many keys, float32
+on CPU, every key and value read once, with the log-sum-exp the merge needs.
+
+torch has no kernel for this shape that reads the cache at memory speed: its flash kernel runs one query row on
+one thread, and the two matrix products `partial._attend_few` makes of it read K and V at a third of the
+machine's bandwidth and add a dozen small operations per partial. Built on first use with the system's C
+compiler (`selfextend.native`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from ..errors import NativeBuildError
+from ..native import load
+
+SOURCE = Path(__file__).with_name("few_native.c")
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+@cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel (raises `NativeBuildError` when it cannot be built here)."""
+    lib = load(SOURCE)
+    lib.se_attend_few.restype = _I
+    lib.se_attend_few.argtypes = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _P,
+                                  _I, _I, _I, _I, _I, _I, ctypes.c_float]
+    return lib
+
+
+@cache
+def available() -> bool:
+    """Whether the kernel is built here; if not, says once why decode attention runs on torch's kernels instead."""
+    try:
+        library()
+    except NativeBuildError as error:
+        warnings.warn(f"decode attention runs on torch's kernels, which read the KV cache at about a third of the "
+                      f"speed of selfextend's own: {error}", stacklevel=3)
+        return False
+    return True
+
+
+def attend_few(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `partial.attend` without causality: query [b, hq, n, d] over key/value [b, hkv, m, d], float32 on CPU,
+    mask bool broadcastable to [b, 1, n, m]. Returns (output [b, hq, n, d], lse [b, hq, n]); a row that sees
+    no key gets output 0 and lse -inf."""
+    b, hq, n, d = query.shape
+    hkv, m = key.shape[1], key.shape[2]
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"the native decode kernel takes {name} as float32 on CPU, not {x.dtype} on {x.device}")
+    if key.shape != (b, hkv, m, d) or value.shape != key.shape or hq % hkv:
+        raise ValueError(f"query {tuple(query.shape)} and key/value {tuple(key.shape)}/{tuple(value.shape)} do not "
+                         f"fit [b, hq, n, d] and [b, hkv, m, d] with hkv dividing hq")
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    mask_strides = (0, 0, 0)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"the mask must be bool, not {mask.dtype}")
+        mask = mask.expand(b, 1, n, m)
+        mask_strides = (mask.stride(0), mask.stride(2), mask.stride(3))
+    out = query.new_empty(b, hq, n, d)
+    lse = query.new_empty(b, hq, n)
+    done = library().se_attend_few(
+        query.data_ptr(), query.stride(0), query.stride(1), query.stride(2),
+        key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
+        value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
+        mask.data_ptr() if mask is not None else None, *mask_strides,
+        out.data_ptr(), lse.data_ptr(), b, hq, hkv, n, m, d, scale)
+    if done != 0:
+        raise MemoryError("the native decode kernel ran out of memory for its per-chunk states")
+    return out, lse
