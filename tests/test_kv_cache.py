@@ -3,11 +3,11 @@ that someone else holds."""
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 import selfextend
 from selfextend.inference import prefill
-from selfextend.kv_cache import GrowingLayer, new_cache
+from selfextend.kv_cache import GrowingLayer, SlidingLayer, new_cache
 from selfextend.transformers_compat import cache_kwargs
 from conftest import make_model
 
@@ -16,12 +16,14 @@ def _ids(n, seed=1):
     return torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def test_full_attention_layers_grow_and_sliding_layers_stay():
+def test_every_layer_grows_in_place_and_sliding_layers_keep_their_window():
     config = make_model("gemma3").config
-    kinds = [type(layer) for layer in new_cache(config).layers]
-    plain = [type(layer) for layer in DynamicCache(config=config).layers]
-    assert kinds == [GrowingLayer if kind is DynamicLayer else kind for kind in plain]
-    assert GrowingLayer in kinds and len(set(kinds)) == 2
+    cache = new_cache(config)
+    kinds = [type(layer) for layer in cache.layers]
+    plain = DynamicCache(config=config).layers
+    assert kinds == [{DynamicLayer: GrowingLayer, DynamicSlidingWindowLayer: SlidingLayer}[type(l)] for l in plain]
+    assert len(set(kinds)) == 2
+    assert [l.sliding_window for l in cache.layers if l.is_sliding] == [l.sliding_window for l in plain if l.is_sliding]
 
 
 def test_holds_what_the_concatenating_cache_holds_and_decodes_in_place():
@@ -29,16 +31,16 @@ def test_holds_what_the_concatenating_cache_holds_and_decodes_in_place():
     ids = _ids(90)
     growing = prefill(model, ids, chunk_size=16)
     dynamic = prefill(model, ids, chunk_size=16, cache=DynamicCache(config=model.config))
-    layer = next(l for l in growing.layers if isinstance(l, GrowingLayer))
-    buffer = layer._key_buffer.data_ptr()
+    layers = [next(l for l in growing.layers if isinstance(l, kind)) for kind in (GrowingLayer, SlidingLayer)]
+    buffers = [layer._key_buffer.data_ptr() for layer in layers]
     for token, mode in ((5, torch.inference_mode), (7, torch.inference_mode), (9, torch.no_grad), (4, torch.no_grad)):
         with mode():  # prefill's mode (in place), then outside it (torch needs a new buffer once)
             step = torch.tensor([[token]])
             got = model(step, **cache_kwargs(model, growing), use_cache=True).logits
             expected = model(step, **cache_kwargs(model, dynamic), use_cache=True).logits
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
-        if token == 7:
-            assert layer._key_buffer.data_ptr() == buffer  # the decode steps wrote into room kept for them
+        if token == 7:  # the decode steps wrote into room kept for them
+            assert [layer._key_buffer.data_ptr() for layer in layers] == buffers
     for mine, theirs in zip(growing.layers, dynamic.layers):
         assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
 
@@ -57,3 +59,22 @@ def test_tensors_given_to_a_layer_are_copied_not_written_into():
     restored.update(torch.ones(1, 2, 2, 4), torch.ones(1, 2, 2, 4))
     assert torch.equal(shared, before) and restored.keys.shape[-2] == 7
     assert torch.equal(restored.keys[..., :5, :], before) and torch.equal(restored.keys[..., 5:, :], torch.ones(1, 2, 2, 4))
+
+
+def test_a_sliding_layer_moves_its_window_when_its_room_is_used_up():
+    """Hundreds of decode steps: the window moves to a new buffer now and then, never one per step, and the layer
+    holds and returns exactly what transformers' own sliding layer does at every step."""
+    mine, theirs = SlidingLayer(sliding_window=12), DynamicSlidingWindowLayer(sliding_window=12)
+    first = torch.randn(1, 2, 30, 4)
+    for layer in (mine, theirs):
+        layer.update(first, -first)
+    moves, buffer = 0, mine._key_buffer
+    for step in range(600):
+        new = torch.randn(1, 2, 1 + (step == 300) * 5, 4)  # one chunk of several tokens among the steps
+        got, expected = mine.update(new, -new), theirs.update(new, -new)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+        assert mine.get_seq_length() == theirs.get_seq_length()
+        moves += mine._key_buffer is not buffer
+        buffer = mine._key_buffer
+    assert 1 <= moves <= 600 // 200

@@ -1,27 +1,34 @@
-"""A KV cache whose full-attention layers grow in place, so a decode step writes one token instead of copying all.
+"""A KV cache whose layers grow in place, so a decode step writes one token instead of copying all.
 
 `transformers`' DynamicCache concatenates on every update: at 40K tokens a decode step of the embedded Gemma
-copies every global layer's keys and values (the largest part of the step; docs/results.md). `new_cache`
-builds the same DynamicCache (sliding-window layers as they are) with each full-attention layer a
-`GrowingLayer`: keys and values live in a buffer with room to spare (a quarter more at each growth), and
-the layer's tensors are views of its first tokens. Crops, batch reordering and restored prefixes work as for
-DynamicLayer: a layer whose tensors are not the start of its buffer starts a new buffer from them (as does
-one filled under `torch.inference_mode` and then written outside it, once).
+copies every global layer's keys and values (the largest part of the step; docs/results.md), and every
+sliding-window layer copies its window (15 of Gemma's 18 layers, 512 tokens each). `new_cache` builds the same
+DynamicCache with each full-attention layer a `GrowingLayer` and each sliding-window layer a `SlidingLayer`:
+keys and values live in a buffer with room to spare (a quarter more, at least 256 positions), and the layer's
+tensors are views of a run of its positions, new tokens written right after them. A sliding layer moves its
+window to a new buffer once its room is used up: one copy of the window per 256 steps instead of one per step.
+Crops, batch reordering and restored prefixes work as for DynamicLayer: a layer whose tensors are not a run of
+its buffer starts a new buffer from them (as does one filled under `torch.inference_mode` and then written
+outside it, once), so a tensor someone else holds is never written into past what the layer itself held.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+
+def _writable(buffer: torch.Tensor) -> bool:
+    """Whether `buffer` may be written here: torch refuses writes outside inference mode to one made inside it."""
+    return torch.is_inference_mode_enabled() or not buffer.is_inference()
 
 
 def room_for(buffer: torch.Tensor | None, size: int, like: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
     """A buffer of at least `size` positions (dim -2) starting with `kept`: `buffer`, which must already start
     with it, if it has the room and may be written here; else a new one with room to spare (a quarter more,
     at least 256), so appending one position at a time copies O(1) per position."""
-    writable = buffer is not None and (torch.is_inference_mode_enabled() or not buffer.is_inference())
-    if writable and buffer.shape[-2] >= size:  # (torch refuses writes outside inference mode to one made inside)
+    if buffer is not None and _writable(buffer) and buffer.shape[-2] >= size:
         return buffer
     grown = like.new_empty(*like.shape[:-2], size + max(256, size // 4), like.shape[-1])
     if kept is not None:
@@ -29,16 +36,32 @@ def room_for(buffer: torch.Tensor | None, size: int, like: torch.Tensor, kept: t
     return grown
 
 
+def _start_in(buffer: torch.Tensor | None, current: torch.Tensor, new: torch.Tensor) -> int | None:
+    """The position in `buffer` where `current` (a run of its positions, or empty) starts; None if it is not one,
+    or `buffer` cannot take `new` after it."""
+    if buffer is None or buffer.dtype != new.dtype or buffer.device != new.device \
+            or buffer.shape[:-2] != new.shape[:-2] or buffer.shape[-1] != new.shape[-1]:
+        return None
+    if not current.numel():
+        return 0
+    row = buffer.stride(-2) * buffer.element_size()
+    start, rest = divmod(current.data_ptr() - buffer.data_ptr(), row)
+    if current.stride() != buffer.stride() or current.shape[:-2] != buffer.shape[:-2] or rest \
+            or not 0 <= start <= buffer.shape[-2] - current.shape[-2]:
+        return None
+    return start
+
+
 def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor):
-    """`current` followed by `new`, as a view of `buffer` (reused if `current` is its start and there is room)."""
+    """`current` followed by `new`, as a view of `buffer`: written right after `current` if it is a run of the
+    buffer's positions with room after it, else into a new buffer that starts with a copy of `current`."""
     n = current.shape[-2] if current.numel() else 0
-    size = n + new.shape[-2]
-    compatible = (buffer is not None and buffer.dtype == new.dtype and buffer.device == new.device
-                  and buffer.shape[:-2] == new.shape[:-2] and buffer.shape[-1] == new.shape[-1]
-                  and (n == 0 or (current.data_ptr() == buffer.data_ptr() and current.stride() == buffer.stride())))
-    buffer = room_for(buffer if compatible else None, size, new, current if n else None)
-    buffer[..., n:size, :] = new
-    return buffer[..., :size, :], buffer
+    start = _start_in(buffer, current, new)
+    if start is None or not _writable(buffer) or start + n + new.shape[-2] > buffer.shape[-2]:
+        buffer, start = room_for(None, n + new.shape[-2], new, current if n else None), 0
+    end = start + n + new.shape[-2]
+    buffer[..., start + n:end, :] = new
+    return buffer[..., start:end, :], buffer
 
 
 class GrowingLayer(DynamicLayer):
@@ -59,10 +82,37 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
 
+class SlidingLayer(DynamicSlidingWindowLayer):
+    """A DynamicSlidingWindowLayer that appends into a buffer with room to spare instead of concatenating its
+    window on every update; it returns and keeps what that layer does (the window and the new tokens, then the
+    last sliding_window - 1 of them)."""
+
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if getattr(self, "record_past", False):  # kept whole until a crop (assisted decoding): transformers' way
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys, self._key_buffer = _append(self.keys, self._key_buffer, key_states)
+        values, self._value_buffer = _append(self.values, self._value_buffer, value_states)
+        self.keys = keys[:, :, -self.sliding_window + 1:, :]
+        self.values = values[:, :, -self.sliding_window + 1:, :]
+        return keys, values
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
 def new_cache(config: PretrainedConfig) -> DynamicCache:
-    """An empty DynamicCache for a model of `config`, its full-attention layers growing in place."""
+    """An empty DynamicCache for a model of `config`, its layers growing in place."""
     cache = DynamicCache(config=config)
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:
             cache.layers[index] = GrowingLayer()
+        elif type(layer) is DynamicSlidingWindowLayer:
+            cache.layers[index] = SlidingLayer(sliding_window=layer.sliding_window)
     return cache
