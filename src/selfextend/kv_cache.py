@@ -24,13 +24,15 @@ def _writable(buffer: torch.Tensor) -> bool:
     return torch.is_inference_mode_enabled() or not buffer.is_inference()
 
 
-def room_for(buffer: torch.Tensor | None, size: int, like: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+def room_for(buffer: torch.Tensor | None, size: int, like: torch.Tensor, kept: torch.Tensor | None,
+             spare: int | None = None) -> torch.Tensor:
     """A buffer of at least `size` positions (dim -2) starting with `kept`: `buffer`, which must already start
-    with it, if it has the room and may be written here; else a new one with room to spare (a quarter more,
-    at least 256), so appending one position at a time copies O(1) per position."""
+    with it, if it has the room and may be written here; else a new one with `spare` positions to spare (by
+    default a quarter more, at least 256), so appending one position at a time copies O(1) per position."""
     if buffer is not None and _writable(buffer) and buffer.shape[-2] >= size:
         return buffer
-    grown = like.new_empty(*like.shape[:-2], size + max(256, size // 4), like.shape[-1])
+    spare = max(256, size // 4) if spare is None else spare
+    grown = like.new_empty(*like.shape[:-2], size + spare, like.shape[-1])
     if kept is not None:
         grown[..., :kept.shape[-2], :] = kept
     return grown
@@ -52,13 +54,14 @@ def _start_in(buffer: torch.Tensor | None, current: torch.Tensor, new: torch.Ten
     return start
 
 
-def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor):
+def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor, spare: int | None = None):
     """`current` followed by `new`, as a view of `buffer`: written right after `current` if it is a run of the
-    buffer's positions with room after it, else into a new buffer that starts with a copy of `current`."""
+    buffer's positions with room after it, else into a new buffer (`spare` positions to spare, as `room_for`)
+    that starts with a copy of `current`."""
     n = current.shape[-2] if current.numel() else 0
     start = _start_in(buffer, current, new)
     if start is None or not _writable(buffer) or start + n + new.shape[-2] > buffer.shape[-2]:
-        buffer, start = room_for(None, n + new.shape[-2], new, current if n else None), 0
+        buffer, start = room_for(None, n + new.shape[-2], new, current if n else None, spare), 0
     end = start + n + new.shape[-2]
     buffer[..., start + n:end, :] = new
     return buffer[..., start:end, :], buffer
@@ -85,7 +88,8 @@ class GrowingLayer(DynamicLayer):
 class SlidingLayer(DynamicSlidingWindowLayer):
     """A DynamicSlidingWindowLayer that appends into a buffer with room to spare instead of concatenating its
     window on every update; it returns and keeps what that layer does (the window and the new tokens, then the
-    last sliding_window - 1 of them)."""
+    last sliding_window - 1 of them). Its room to spare is a quarter of the window (at least 256), however long
+    the chunk that filled it, and a buffer left much larger by a long chunk is given up at the next update."""
 
     _key_buffer: torch.Tensor | None = None
     _value_buffer: torch.Tensor | None = None
@@ -96,8 +100,12 @@ class SlidingLayer(DynamicSlidingWindowLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
-        keys, self._key_buffer = _append(self.keys, self._key_buffer, key_states)
-        values, self._value_buffer = _append(self.values, self._value_buffer, value_states)
+        spare = max(256, self.sliding_window // 4)
+        if self._key_buffer is not None and \
+                self._key_buffer.shape[-2] > self.sliding_window + key_states.shape[-2] + 2 * spare:
+            self._key_buffer = self._value_buffer = None
+        keys, self._key_buffer = _append(self.keys, self._key_buffer, key_states, spare)
+        values, self._value_buffer = _append(self.values, self._value_buffer, value_states, spare)
         self.keys = keys[:, :, -self.sliding_window + 1:, :]
         self.values = values[:, :, -self.sliding_window + 1:, :]
         return keys, values
