@@ -87,8 +87,8 @@ def test_without_a_c_compiler_decode_attention_says_so_and_runs_on_torch(no_c_co
 
 
 def test_a_decode_step_of_a_selfextend_model_takes_the_native_few_row_path(monkeypatch):
-    """The native few-row kernel is what a float32 decode step runs over many keys (a quiet fallback to torch's
-    kernels would fail here); over the few keys of its neighbor window it is one call of the flash kernel."""
+    """The native few-row kernel is what a float32 decode step runs, over its many grouped keys and its few
+    neighbors alike (a quiet fallback to torch's kernels would fail here)."""
     import selfextend
     from selfextend.attention import few_native, partial
     from selfextend.kv_cache import new_cache
@@ -101,6 +101,8 @@ def test_a_decode_step_of_a_selfextend_model_takes_the_native_few_row_path(monke
     with torch.inference_mode():
         model(ids, **cache_kwargs(model, cache), use_cache=True)
         calls, few = [], few_native.attend_few
-        monkeypatch.setattr(few_native, "attend_few", lambda *args: calls.append(args[0].shape) or few(*args))
+        monkeypatch.setattr(few_native, "attend_few", lambda *args: calls.append(args[1].shape[2]) or few(*args))
         model(ids[:, -1:], **cache_kwargs(model, cache), use_cache=True)
-    assert len(calls) == model.config.num_hidden_layers  # the grouped partial of every layer (2100 keys)
+    # every layer's two partials: its neighbor window (the last 8 keys) and the grouped keys before them
+    layers, n = model.config.num_hidden_layers, ids.shape[1]
+    assert sorted(calls) == [8] * layers + [n + 1 - 8] * layers

@@ -4,17 +4,20 @@
    query [b, hq, n, d] and key/value [b, hkv, m, d] come with their strides (the head dimension unit-stride);
    an optional bool mask broadcast to [b, 1, n, m] with its strides (0 where broadcast). The hq / hkv query
    heads sharing a KV head, times the n queries, are that head's R rows: each key is read once for all R.
-   Work items are (batch, KV head, chunk of CHUNK keys), so one long row spreads over every thread; a row's
-   chunks are merged by log-sum-exp. out [b, hq, n, d] and lse [b, hq, n] are contiguous; a row that sees no
-   key gets output 0 and lse -inf. Threads are OpenMP's, the runtime torch itself uses. */
+   Work items are (batch, KV head, chunk of keys), chunks small enough that every thread gets work, so one row
+   spreads over every thread; a row's chunks are merged by log-sum-exp. out [b, hq, n, d] and lse [b, hq, n]
+   are contiguous; a row that sees no key gets output 0 and lse -inf. Threads are OpenMP's, the runtime torch
+   itself uses. */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "native_exp.h"
 
-#define CHUNK 512 /* keys per work item */
+#define CHUNK 512 /* keys per work item, halved (down to MIN_CHUNK) until every thread has two */
+#define MIN_CHUNK 64
 #define SUB 16    /* keys whose logits are taken before their values are added (their values stay in L1) */
 #define GROUP 4   /* rows read against each key or value vector at once */
 
@@ -159,7 +162,9 @@ int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const 
     const int64_t g = hq / hkv, rows = g * n, padded = (rows + GROUP - 1) / GROUP * GROUP;
     const Args A = {q, k, v, mask, qb, qh, qn, kb, kh, km, vb, vh, vm, mb, mn, mm, hq, hkv, n, m, d, rows, padded,
                     scale};
-    const int64_t chunks = m > 0 ? (m + CHUNK - 1) / CHUNK : 1, items = b * hkv * chunks;
+    int64_t chunk = CHUNK;
+    while (chunk > MIN_CHUNK && b * hkv * ((m + chunk - 1) / chunk) < 2 * omp_get_max_threads()) chunk /= 2;
+    const int64_t chunks = m > 0 ? (m + chunk - 1) / chunk : 1, items = b * hkv * chunks;
     const int64_t state = padded * (2 + d); /* per item: top, total, acc */
     float *states = malloc(items * state * sizeof(float));
     if (!states) return -1;
@@ -180,7 +185,7 @@ int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const 
                 last = pair;
             }
             float *s = states + item * state;
-            const int64_t lo = c * CHUNK, hi = lo + CHUNK < m ? lo + CHUNK : m;
+            const int64_t lo = c * chunk, hi = lo + chunk < m ? lo + chunk : m;
             attend(&A, bi, h, lo, hi, Q, x, s, s + padded, s + 2 * padded);
         }
         free(Q);

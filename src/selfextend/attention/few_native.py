@@ -13,6 +13,7 @@ import ctypes
 import warnings
 from functools import cache
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -33,6 +34,7 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+@torch.compiler.assume_constant_result
 @cache
 def available() -> bool:
     """Whether the kernel is built here; if not, says once why decode attention runs on torch's kernels instead."""
@@ -76,3 +78,16 @@ def attend_few(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     if done != 0:
         raise MemoryError("the native decode kernel ran out of memory for its per-chunk states")
     return out, lse
+
+
+@torch.library.custom_op("selfextend::attend_few", mutates_args=())
+def attend_few_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend_few` as a torch operator, so a compiled model calls it without breaking its graph."""
+    return attend_few(query, key, value, mask, scale)
+
+
+@attend_few_op.register_fake
+def _(query, key, value, mask, scale):
+    b, hq, n, d = query.shape
+    return query.new_empty(b, hq, n, d), query.new_empty(b, hq, n)

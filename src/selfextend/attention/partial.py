@@ -19,8 +19,12 @@ def attend(
     since the fused kernel's lse carries no gradient and merging partials needs it.
     """
     if query.device.type == "cpu" and not needs_grad(query, key, value):
-        if not causal and query.shape[1] // key.shape[1] * query.shape[2] <= FEW_ROWS and key.shape[2] > FEW_KEYS:
-            return _no_key_rows(*_few_rows(query, key, value, mask, scale), mask)
+        if not causal and query.shape[1] // key.shape[1] * query.shape[2] <= FEW_ROWS:  # a decode step's rows
+            if query.dtype == torch.float32 and few_native.available():
+                few = few_native.attend_few_op if torch.compiler.is_compiling() else few_native.attend_few
+                return _no_key_rows(*few(query, key, value, mask, scale), mask)
+            if key.shape[2] > FEW_KEYS:
+                return _no_key_rows(*_attend_few(query, key, value, mask, scale), mask)
         # the CPU flash kernel reads the head dimension as unit-stride: other strides give wrong sums (torch 2.13)
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
         float_mask = None
@@ -36,17 +40,11 @@ def attend(
     return _no_key_rows(*_attend_math(query, key, value, mask, scale), mask)
 
 
-FEW_ROWS = 16  # query rows per key/value head (a decode step's heads) up to which _few_rows runs instead
-FEW_KEYS = 2048  # ... over more keys than this; over fewer the flash kernel's one call costs less (a sliding
+FEW_ROWS = 16  # query rows per key/value head (a decode step's heads) up to which the few-row paths run:
+# the native kernel (float32, any number of keys), else torch's _attend_few over more keys than FEW_KEYS;
+FEW_KEYS = 2048  # over fewer, the flash kernel's one call costs less than _attend_few's dozen (a sliding
 # window's 512 keys: 0.11 against 0.28 ms for Gemma's 4 heads, 0.11 against 0.31 for SmolLM2's 9)
 SPLITS = 8  # key ranges _attend_few's value product is split into, one batch entry each
-
-
-def _few_rows(query, key, value, mask, scale):
-    """A few query rows over many keys: the native kernel for float32 (built on first use), else torch's."""
-    if query.dtype == torch.float32 and few_native.available():
-        return few_native.attend_few(query, key, value, mask, scale)
-    return _attend_few(query, key, value, mask, scale)
 
 
 def _attend_few(query, key, value, mask, scale):
