@@ -9,6 +9,7 @@ reloaded model restores them.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
@@ -83,11 +84,9 @@ def _attention_forward(
     kept: GroupedKeys | None = getattr(module, _KEPT, None)
     setattr(module, _KEPT, None)  # the cache layer may go away: keep no reference past this call
     b, n, m = query.shape[0], query.shape[2], key.shape[2]
-    layout = attention_mask or KVLayout(q_offset=m - n, kv_offset=0)
-    starts = sequence_starts(layout, position_ids, b, n, m, query.device, kwargs.get("cu_seq_lens_q"))
-    parts = packed_sequences(layout, starts, query.device)
+    parts, geometry = _sequences(module.layer_idx, attention_mask, position_ids, kwargs.get("cu_seq_lens_q"), b, n, m,
+                                 query.device)
     if parts is None:
-        geometry = resolve_geometry(layout, None, b, n, m, query.device, starts)
         return _attend_sequence(state, backend, query, key, value, geometry, window, scale, kept, whole_call=True), None
     out = query.new_empty(b, n, query.shape[1], query.shape[3])
     for part in parts:  # packed: each sequence on its own, over its own keys only
@@ -95,6 +94,35 @@ def _attention_forward(
         out[r, part.queries] = _attend_sequence(state, backend, query[r, :, part.queries], key[r, :, part.keys],
                                                 value[r, :, part.keys], part.geometry, window, scale)
     return out, None
+
+
+_SEQUENCES = threading.local()  # this thread's current forward pass: its sequences, by the layout its layers get
+
+
+def _sequences(layer: int, layout: KVLayout | None, position_ids: torch.Tensor | None,
+               cu_seq_lens: torch.Tensor | None, b: int, n: int, m: int, device: torch.device):
+    """(packed sequences, None) or (None, geometry) of a call. The layers of one forward pass (layer indices
+    rising) are given the same layout and position objects, so what those give is worked out once per pass."""
+    if torch.compiler.is_compiling():
+        return _sequences_of(layout, position_ids, cu_seq_lens, b, n, m, device)
+    memo = getattr(_SEQUENCES, "memo", None)
+    if memo is None or layer <= memo["layer"] or memo["position_ids"] is not position_ids \
+            or memo["cu_seq_lens"] is not cu_seq_lens:
+        memo = _SEQUENCES.memo = {"position_ids": position_ids, "cu_seq_lens": cu_seq_lens, "found": []}
+    memo["layer"] = layer
+    for given, shape, found in memo["found"]:
+        if given is layout and shape == (b, n, m, device):
+            return found
+    found = _sequences_of(layout, position_ids, cu_seq_lens, b, n, m, device)
+    memo["found"] = memo["found"][-3:] + [(layout, (b, n, m, device), found)]
+    return found
+
+
+def _sequences_of(layout, position_ids, cu_seq_lens, b, n, m, device):
+    layout = layout or KVLayout(q_offset=m - n, kv_offset=0)
+    starts = sequence_starts(layout, position_ids, b, n, m, device, cu_seq_lens)
+    parts = packed_sequences(layout, starts, device)
+    return parts, None if parts is not None else resolve_geometry(layout, None, b, n, m, device, starts)
 
 
 def _attend_sequence(state: _State, backend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry,

@@ -92,7 +92,10 @@ def _attend_block(out, query, key, value, geometry, t0, window, scale, sub, grou
         parts = _pieces(query[:, :, rows], key, value, geometry, t0 + r0, window, scale, piece)
         if rest is not None:
             parts.append((rest[0][:, :, rows], rest[1][:, :, rows]))
-        merged = merge_states([o for o, _ in parts], [lse for _, lse in parts])
+        if len(parts) == 1:  # attend's output is already 0 on rows that see no key
+            merged = parts[0][0].float()
+        else:
+            merged = merge_states([o for o, _ in parts], [lse for _, lse in parts])
         out[:, t0 + r0:t0 + r0 + merged.shape[2]] = merged.transpose(1, 2)
 
 

@@ -15,7 +15,7 @@ def attend(
 
     mask: bool, broadcastable to [b, 1, n, m], True where attended; or causal: query t sees keys 0..t
     (top-left, as SDPA's is_causal), which the CPU kernel does without a mask. Returns (output [b, hq, n, d],
-    lse [b, hq, n] in float32, -inf on rows that see no key). Under autograd the explicit form runs,
+    lse [b, hq, n] in float32), output 0 and lse -inf on rows that see no key. Under autograd the explicit form runs,
     since the fused kernel's lse carries no gradient and merging partials needs it.
     """
     if query.device.type == "cpu" and not needs_grad(query, key, value):
