@@ -33,7 +33,8 @@ def test_generate_matches_plain_generate(model_dir, tmp_path, capsys):
     text = "The sky is blue. " * 15
     (tmp_path / "doc.txt").write_text(text)
     code, out, err = run(capsys, "generate", "--input", tmp_path / "doc.txt", "--model", model_dir,
-                         "--group-size", 4, "--window", 8, "--max-new-tokens", 6, "--chunk-size", 7, "--quiet")
+                         "--group-size", 4, "--window", 8, "--max-new-tokens", 6, "--chunk-size", 7, "--weights",
+                         "dense", "--quiet")
     assert code == 0, err
     import selfextend
 
@@ -54,7 +55,7 @@ def test_generate_with_lighter_weights(model_dir, tmp_path, capsys, monkeypatch,
     text = "The sky is blue. " * 15
     (tmp_path / "doc.txt").write_text(text)
     argv = ["generate", "--input", tmp_path / "doc.txt", "--model", model_dir, "--max-new-tokens", 6, "--quiet"]
-    code, dense, err = run(capsys, *argv)
+    code, dense, err = run(capsys, *argv, "--weights", "dense")
     assert code == 0, err
     loaded, load = [], models.load_model
     monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
@@ -170,3 +171,41 @@ def test_int8_weights_without_a_c_compiler_say_so(model_dir, tmp_path, capsys, n
                          "--weights", "int8", "--quiet")
     assert code == 2
     assert "no C compiler ('/no/such/cc') to build linear_native.c" in err and "Traceback" not in err
+
+
+def test_generate_stores_weights_as_int8_by_default_on_cpu(model_dir, tmp_path, capsys, monkeypatch):
+    """`auto`, the default of generate and serve: int8 on CPU with float32 compute; eval and calibrate measure the
+    model as loaded (dense) unless asked."""
+    from selfextend import models
+    from selfextend.weights import PackedLinear, choose_format
+
+    assert choose_format("auto") == ("int8", None)
+    assert choose_format("auto", dtype="bfloat16") == ("dense", None)
+    assert choose_format("auto", device="cuda") == ("dense", None)
+    (tmp_path / "doc.txt").write_text("The sky is blue. " * 15)
+    loaded, load = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(k["weights"]) or load(*a, **k))
+    code, out, err = run(capsys, "generate", "--input", tmp_path / "doc.txt", "--model", model_dir,
+                         "--max-new-tokens", 3, "--quiet")
+    assert code == 0, err
+    assert loaded == ["int8"] and "selfextend:" not in err
+    parser = cli.build_parser()
+    assert parser.parse_args(["serve"]).weights == "auto"
+    assert parser.parse_args(["eval", "passkey", "--lengths", "1k", "--out", "x"]).weights == "dense"
+    assert parser.parse_args(["calibrate"]).weights == "dense"
+
+
+def test_default_weights_without_a_c_compiler_are_dense_and_say_so(model_dir, tmp_path, capsys, monkeypatch,
+                                                                  no_c_compiler):
+    from selfextend import models
+
+    (tmp_path / "doc.txt").write_text("The grass is green. " * 10)
+    loaded, load = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(k["weights"]) or load(*a, **k))
+    with pytest.warns(UserWarning, match="decode attention runs on torch's kernels"):
+        code, out, err = run(capsys, "generate", "--input", str(tmp_path / "doc.txt"), "--model", str(model_dir),
+                             "--max-new-tokens", 3, "--quiet")
+    assert code == 0, err
+    assert loaded == ["dense"]
+    notices = [line for line in err.splitlines() if line.startswith("selfextend: loading dense")]
+    assert len(notices) == 1 and "no C compiler ('/no/such/cc')" in notices[0] and "--weights dense" in notices[0]

@@ -17,7 +17,7 @@ from .integration import apply_plan
 from .planning import Plan, find_profile, resolve, uses_profile
 from .rotary import rope_parameters_of
 from .samples import token_counter
-from .weights import DEFAULT_WEIGHTS, WEIGHT_FORMATS, check_format
+from .weights import AUTO, WEIGHT_FORMATS, check_format, choose_format
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -81,10 +81,13 @@ def _check_flags(args) -> None:
 def _load_model(args, source: models.ModelSource):
     """The model the run options ask for (device, dtype, weight format), a bad combination refused first."""
     try:
-        check_format(args.weights, args.device, args.dtype)
+        weights, lost = choose_format(args.weights, args.device, args.dtype)
+        check_format(weights, args.device, args.dtype)
     except (ValueError, NativeBuildError) as error:
         raise CommandError(str(error)) from error
-    return models.load_model(source, device=args.device, dtype=args.dtype, weights=args.weights)
+    if lost:
+        print(f"selfextend: {lost}", file=sys.stderr)
+    return models.load_model(source, device=args.device, dtype=args.dtype, weights=weights)
 
 
 def _settings(args, model_or_config, length: int) -> Plan:
@@ -351,15 +354,18 @@ def _add_effective_length(parser: argparse.ArgumentParser) -> None:
                         help="plan G and W against this length instead of the model's measured profile")
 
 
-def _add_run_options(parser: argparse.ArgumentParser, quiet: bool = True) -> None:
-    """Options of every command that runs the model."""
+WEIGHTS_HELP = ("how linear weights are stored: dense (as --dtype), float16 or int8 (CPU, float32 compute; lighter "
+                "and faster to decode; int8 builds a C kernel with the system's compiler on first use), or auto: "
+                "int8 on CPU with float32 compute where a C compiler builds it, dense elsewhere (saying so on CPU)")
+
+
+def _add_run_options(parser: argparse.ArgumentParser, quiet: bool = True, weights: str = AUTO) -> None:
+    """Options of every command that runs the model; `weights` the default format (measuring commands: dense)."""
     parser.add_argument("--chunk-size", type=int, default=2048, help="prefill tokens per forward pass")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--weights", default=DEFAULT_WEIGHTS, choices=WEIGHT_FORMATS,
-                        help="how linear weights are stored: dense (as --dtype), float16 or int8 (CPU, float32 "
-                             "compute; lighter and faster to decode; int8 builds a C kernel with the system's "
-                             f"compiler on first use; default {DEFAULT_WEIGHTS})")
+    parser.add_argument("--weights", default=weights, choices=(AUTO, *WEIGHT_FORMATS),
+                        help=f"{WEIGHTS_HELP} (default {weights})")
     if quiet:
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -412,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bucket", type=int, help="perplexity: tokens per position bucket (default: training length/8)")
     ev.add_argument("--out", required=True, help="output folder; a rerun resumes from its results.jsonl")
     _add_effective_length(ev)
-    _add_run_options(ev)
+    _add_run_options(ev, weights="dense")  # measurements are of the model as loaded unless asked
     ev.set_defaults(run=cmd_eval)
 
     cal = sub.add_parser("calibrate", help="measure the model's effective length E and save it as its profile")
@@ -428,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "if it has one, else measured first); the planner then chooses by them")
     cal.add_argument("--compare-lengths", help="lengths for --compare (default: midway between E and L, and L - L/64)")
     cal.add_argument("--out", help="profile file (default: $SELFEXTEND_HOME/profiles/<model identity>.json)")
-    _add_run_options(cal)
+    _add_run_options(cal, weights="dense")
     cal.set_defaults(run=cmd_calibrate)
 
     pl = sub.add_parser("plan", help="choose G and W for an input length")

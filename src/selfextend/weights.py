@@ -22,12 +22,27 @@ import torch
 from torch import nn
 
 from . import linear_native
-from .errors import UnsupportedModelError
+from .errors import NativeBuildError, UnsupportedModelError
 from .identity import IDENTITY_ATTRIBUTE, model_identity
 from .linear_native import Int8Blocks
 
 WEIGHT_FORMATS = ("dense", "float16", "int8")
-DEFAULT_WEIGHTS = "dense"
+AUTO = "auto"  # int8 where it runs (CPU, float32 compute, a C compiler to build its kernel), else dense
+
+
+def choose_format(requested: str, device: str = "cpu", dtype: str = "float32") -> tuple[str, str | None]:
+    """The weight format to load for `requested` (one of WEIGHT_FORMATS, or "auto"), and for "auto" on a CPU
+    where int8 cannot be built, what the user loses and how to get it back (None otherwise)."""
+    if requested != AUTO:
+        return requested, None
+    if torch.device(device).type != "cpu" or dtype != "float32":
+        return "dense", None
+    try:
+        linear_native.library()
+    except NativeBuildError as error:
+        return "dense", (f"loading dense float32 weights, which decode about 2x slower and take more memory than "
+                         f"int8: {error} (--weights dense says this is what you want)")
+    return "int8", None
 
 
 class PackedLinear(nn.Module):
@@ -52,9 +67,17 @@ class PackedLinear(nn.Module):
         if x.dtype != torch.float32:
             raise TypeError(f"{self.format} weights compute in float32, got {x.dtype} input")
         if self.format == "int8":
-            return linear_native.linear(x, Int8Blocks(self.rows, self.scale), self.bias)
+            return linear_native.linear(x, self._blocks(), self.bias)
         flat = x.reshape(-1, self.in_features)
         return torch.ops.quantized.linear_dynamic_fp16(flat, self.packed).reshape(*x.shape[:-1], self.out_features)
+
+    _checked: Int8Blocks | None = None
+
+    def _blocks(self) -> Int8Blocks:
+        """The int8 buffers as `Int8Blocks`, checked once, not at every call (again if a move replaced them)."""
+        if self._checked is None or self._checked.rows is not self.rows or self._checked.scale is not self.scale:
+            self._checked = Int8Blocks(self.rows, self.scale)
+        return self._checked
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
