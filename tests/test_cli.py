@@ -177,7 +177,7 @@ def test_generate_stores_weights_as_int8_by_default_on_cpu(model_dir, tmp_path, 
     """`auto`, the default of generate and serve: int8 on CPU with float32 compute; eval and calibrate measure the
     model as loaded (dense) unless asked."""
     from selfextend import models
-    from selfextend.weights import PackedLinear, choose_format
+    from selfextend.weights import choose_format
 
     assert choose_format("auto") == ("int8", None)
     assert choose_format("auto", dtype="bfloat16") == ("dense", None)

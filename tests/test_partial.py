@@ -20,7 +20,8 @@ def test_a_strided_head_dimension_gives_the_contiguous_result():
 
 
 FEW_ROW_CASES = [  # (queries, query heads, KV heads, keys, head dim): GQA; keys past, within and under a chunk
-    (1, 4, 1, 1037, 32), (1, 8, 2, 5, 32), (2, 4, 2, 64, 40), (1, 9, 3, 5000, 64), (1, 16, 1, 600, 24), (1, 1, 1, 513, 8)]
+    (1, 4, 1, 1037, 32), (1, 8, 2, 5, 32), (2, 4, 2, 64, 40), (1, 9, 3, 5000, 64), (1, 16, 1, 600, 24),
+    (1, 1, 1, 513, 8)]
 
 
 def _few_row_inputs(n, hq, hkv, m, d):

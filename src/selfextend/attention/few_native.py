@@ -2,7 +2,7 @@
 on CPU, every key and value read once, with the log-sum-exp the merge needs.
 
 torch has no kernel for this shape that reads the cache at memory speed: its flash kernel runs one query row on
-one thread, and the two matrix products `partial._attend_few` makes of it read K and V at a third of the
+one thread, and the two matrix products `partial._attend_few` makes of it read K and V at about half the
 machine's bandwidth and add a dozen small operations per partial. Built on first use with the system's C
 compiler (`selfextend.native`).
 """
@@ -41,8 +41,8 @@ def available() -> bool:
     try:
         library()
     except NativeBuildError as error:
-        warnings.warn(f"decode attention runs on torch's kernels, which read the KV cache at about a third of the "
-                      f"speed of selfextend's own: {error}", stacklevel=3)
+        warnings.warn(f"decode attention runs on torch's kernels, slower than selfextend's own: {error}",
+                      stacklevel=3)
         return False
     return True
 
