@@ -35,7 +35,7 @@ time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" \
   --methods selfextend,truncated,selfextend:G=8,W=2048,vanilla
 # the passkey at 32K with that hand-picked G/W, one key x 3 depths
 time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods selfextend:G=8,W=2048
-# its niah at 32K, one needle x 3 depths (2026-12-02: stopped after depth 0.25; the rest resumes here)
+# its niah at 32K, one needle x 3 depths (2026-12-02)
 time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/niah" --methods selfextend:G=8,W=2048
 # yarn and dynamic perplexity at 32K
 time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" --methods yarn,dynamic
