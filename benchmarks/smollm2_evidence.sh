@@ -35,11 +35,11 @@ time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" \
   --methods selfextend,truncated,selfextend:G=8,W=2048,vanilla
 # the passkey at 32K with that hand-picked G/W, one key x 3 depths
 time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods selfextend:G=8,W=2048
-# its niah at 32K, one needle x 3 depths (2026-12-02)
-time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/niah" --methods selfextend:G=8,W=2048
+# its niah at 32K, 2 needles x 3 depths (2026-12-02)
+time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" --methods selfextend:G=8,W=2048
 # yarn and dynamic perplexity at 32K
 time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" --methods yarn,dynamic
-# not run yet (about 4x a 16K cell each): the second niah needle at 32K, the hand-picked G/W's second passkey
-#   selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --seed 1 --out "$out/niah" --methods selfextend
+# not run yet (about 4x a 16K cell each): the plan's second niah needle at 32K, the hand-picked G/W's second passkey
+#   selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" --methods selfextend
 #   selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --seed 1 --out "$out/passkey" \
 #     --methods selfextend:G=8,W=2048
