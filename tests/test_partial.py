@@ -107,3 +107,24 @@ def test_a_decode_step_of_a_selfextend_model_takes_the_native_few_row_path(monke
     # every layer's two partials: its neighbor window (the last 8 keys) and the grouped keys before them
     layers, n = model.config.num_hidden_layers, ids.shape[1]
     assert sorted(calls) == [8] * layers + [n + 1 - 8] * layers
+
+
+def test_a_forward_pass_works_out_its_sequences_once_per_layout(monkeypatch):
+    """Every layer of a pass gets the same layout and positions: their geometry is computed once per layout
+    (Gemma's two: sliding and full), not once per layer, and a new pass computes it again."""
+    import selfextend
+    from selfextend import integration
+    from selfextend.kv_cache import new_cache
+    from selfextend.transformers_compat import cache_kwargs
+    from conftest import make_model
+
+    model = selfextend.apply(make_model("gemma3"), 4, 8)
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(1))
+    cache = new_cache(model.config)
+    computed, compute = [], integration._sequences_of
+    monkeypatch.setattr(integration, "_sequences_of", lambda *args: computed.append(args[0]) or compute(*args))
+    with torch.inference_mode():
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
+        assert len(computed) == 2 and model.config.num_hidden_layers == 4
+        model(ids[:, -1:], **cache_kwargs(model, cache), use_cache=True)
+    assert len(computed) == 4

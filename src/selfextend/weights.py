@@ -35,10 +35,10 @@ def choose_format(requested: str, device: str = "cpu", dtype: str = "float32") -
     where int8 cannot be built, what the user loses and how to get it back (None otherwise)."""
     if requested != AUTO:
         return requested, None
-    if torch.device(device).type != "cpu" or dtype != "float32":
-        return "dense", None
     try:
-        linear_native.library()
+        check_format("int8", device, dtype)
+    except ValueError:  # not a CPU with float32 compute: dense is the rule there, not a loss
+        return "dense", None
     except NativeBuildError as error:
         return "dense", (f"loading dense float32 weights, which decode about 2x slower and take more memory than "
                          f"int8: {error} (--weights dense says this is what you want)")
