@@ -79,3 +79,34 @@ def test_a_sliding_layer_moves_its_window_when_its_room_is_used_up():
         buffer = mine._key_buffer
         assert buffer.shape[-2] <= 11 + 6 + 256  # the window, the most new tokens at once, the room to spare
     assert 2 <= moves <= 1 + 600 // 200
+
+
+def test_a_cache_with_capacity_allocates_its_full_layers_once_and_holds_what_one_without_holds():
+    """prefill + answer with the run's capacity: every full layer's keys, values and kept grouped keys live in
+    one buffer of exactly that many positions from the first chunk to the last new token; same tokens."""
+    from selfextend.inference import answer
+    from selfextend.integration import _STATE
+
+    model = selfextend.apply(make_model("llama"), 4, 8)
+    ids, new_tokens = _ids(90), 6
+    sized = prefill(model, ids, chunk_size=16, capacity=90 + new_tokens)
+    full = [layer for layer in sized.layers if isinstance(layer, GrowingLayer)]
+    states = {id(s): s for s in (getattr(module, _STATE, None) for module in model.modules()) if s is not None}
+    kept = [state.kept[layer] for state in states.values() for layer in full if layer in state.kept]
+    assert len(kept) == len(full) == model.config.num_hidden_layers
+    buffers = [(layer._key_buffer, layer._value_buffer) for layer in full] + [(k.buffer,) for k in kept]
+    assert all(b.shape[-2] == 90 + new_tokens for group in buffers for b in group)
+    got = answer(model, ids, sized, new_tokens, pad_token_id=0)
+    expected = answer(model, ids, prefill(model, ids, chunk_size=16), new_tokens, pad_token_id=0)
+    assert torch.equal(got, expected)
+    after = [(layer._key_buffer, layer._value_buffer) for layer in full] + [(k.buffer,) for k in kept]
+    assert all(a is b for old, new in zip(buffers, after) for a, b in zip(old, new))  # never grown nor copied
+    assert full[0].keys.shape[-2] == 90 + new_tokens - 1
+
+
+def test_past_its_capacity_a_layer_grows_as_without_one():
+    layer = GrowingLayer(capacity=6)
+    layer.update(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+    assert layer._key_buffer.shape[-2] == 6
+    layer.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))
+    assert layer._key_buffer.shape[-2] == 7 + 256 and layer.keys.shape[-2] == 7

@@ -173,3 +173,26 @@ def test_packing_releases_a_mapped_files_pages_and_nothing_else(tmp_path):
     kept = ordinary.clone()
     _FilePages().release(ordinary)
     assert torch.equal(ordinary, kept)
+
+
+def test_compress_releases_each_weights_pages_once_the_identity_has_sampled_it(monkeypatch):
+    """The identity's samples fault in pages of every weight (most of a 5 MB matrix); compress hands each
+    weight to the page release as soon as it is sampled, so a mapped checkpoint is never resident whole."""
+    model = make_model("llama")
+    order = []
+    sampled = []
+
+    def spy_identity(module, done=None):
+        def sampled_then_done(parameter):
+            sampled.append(parameter)
+            done(parameter)
+        return model_identity(module, done=sampled_then_done)
+
+    monkeypatch.setattr("selfextend.weights.model_identity", spy_identity)
+    monkeypatch.setattr(_FilePages, "release", lambda self, tensor: order.append(tensor))
+    expected = model_identity(model)
+    compress(model, "int8")
+    weights = [p for _, p in sorted(make_model("llama").named_parameters())]
+    assert [tuple(t.shape) for t in sampled] == [tuple(p.shape) for p in weights]
+    assert all(a is b for a, b in zip(order, sampled))  # released first, in the order sampled
+    assert model_identity(model) == expected

@@ -123,7 +123,7 @@ def cmd_generate(args) -> None:
           f"{chosen.max_length} ({chosen.reason}); "
           f"model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     prefill_start = time.perf_counter()
-    cache = prefill(model, ids, args.chunk_size, progress=not args.quiet)
+    cache = prefill(model, ids, args.chunk_size, progress=not args.quiet, capacity=n + args.max_new_tokens)
     prefill_seconds = time.perf_counter() - prefill_start
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     decode_start = time.perf_counter()

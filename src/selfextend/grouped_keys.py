@@ -15,14 +15,16 @@ import weakref
 import torch
 
 from .attention import Geometry
-from .kv_cache import room_for
+from .kv_cache import room_for, spare_within
 from .rotary import GroupedRotation
 
 
 class GroupedKeys:
-    """Grouped keys of one cache layer's first `count` keys, in a buffer that grows by a quarter at a time."""
+    """Grouped keys of one cache layer's first `count` keys, in a buffer that grows by a quarter at a time, or
+    holds `capacity` positions (the layer's) from the start."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
         self.buffer: torch.Tensor | None = None
         self.count = 0
         self.first_position = 0  # position of key index 0: the keys' positions are index - start
@@ -42,7 +44,7 @@ class GroupedKeys:
         self.count = min(self.count, fresh)
         if n_grouped > self.count:
             kept = self.buffer[:, :, :self.count] if self.count else None
-            self.buffer = room_for(self.buffer, n_grouped, key, kept)
+            self.buffer = room_for(self.buffer, n_grouped, key, kept, spare_within(self.capacity, n_grouped))
             new = slice(self.count, n_grouped)
             self.buffer[:, :, new] = rotation(key[:, :, new], geometry.key_positions[:, new], "key")
             self.count = n_grouped

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,8 +23,11 @@ _ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
                  "sliding_window", "layer_types")
 
 
-def model_identity(model: nn.Module) -> str:
-    """A hash of `model`'s architecture and weights that no other model shares (dtype float32/bfloat16 alike)."""
+def model_identity(model: nn.Module, done: Callable[[torch.Tensor], None] | None = None) -> str:
+    """A hash of `model`'s architecture and weights that no other model shares (dtype float32/bfloat16 alike).
+
+    `done` is given each weight once its samples are read (compress drops the file pages they brought in).
+    """
     stamped = getattr(model, IDENTITY_ATTRIBUTE, None)
     if stamped is not None:
         return stamped
@@ -39,4 +43,6 @@ def model_identity(model: nn.Module) -> str:
         step = max(1, flat.numel() // _SAMPLE)
         sample = torch.cat([flat[:_SAMPLE], flat[::step][:_SAMPLE], flat[-_SAMPLE:]])
         digest.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+        if done is not None:
+            done(parameter)
     return digest.hexdigest()[:32]

@@ -54,7 +54,7 @@ def _find_kept_keys(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if state is not None and state.keep_grouped_keys and layer is not None and not torch.compiler.is_compiling():
         kept = state.kept.get(layer)
         if kept is None or not kept.holds(getattr(layer, "keys", None)):
-            kept = state.kept[layer] = GroupedKeys()
+            kept = state.kept[layer] = GroupedKeys(getattr(layer, "capacity", None))
     setattr(module, _KEPT, kept)
 
 

@@ -38,6 +38,12 @@ def room_for(buffer: torch.Tensor | None, size: int, like: torch.Tensor, kept: t
     return grown
 
 
+def spare_within(capacity: int | None, size: int) -> int | None:
+    """Room to spare that makes a new buffer of `size` positions exactly `capacity` long; None (the default
+    growth) without a capacity or past it."""
+    return capacity - size if capacity is not None and size <= capacity else None
+
+
 def _start_in(buffer: torch.Tensor | None, current: torch.Tensor, new: torch.Tensor) -> int | None:
     """The position in `buffer` where `current` (a run of its positions, or empty) starts; None if it is not one,
     or `buffer` cannot take `new` after it."""
@@ -68,16 +74,25 @@ def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tenso
 
 
 class GrowingLayer(DynamicLayer):
-    """A DynamicLayer that appends into a buffer with room to spare instead of concatenating."""
+    """A DynamicLayer that appends into a buffer with room to spare instead of concatenating.
+
+    With a `capacity` (the positions a run will hold: prompt and answer), its buffers are that long from the
+    first update, so the cache is never copied to grow and holds no room it will not use.
+    """
 
     _key_buffer: torch.Tensor | None = None
     _value_buffer: torch.Tensor | None = None
 
+    def __init__(self, capacity: int | None = None) -> None:
+        super().__init__()
+        self.capacity = capacity
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys, self._key_buffer = _append(self.keys, self._key_buffer, key_states)
-        self.values, self._value_buffer = _append(self.values, self._value_buffer, value_states)
+        spare = spare_within(self.capacity, self.get_seq_length() + key_states.shape[-2])
+        self.keys, self._key_buffer = _append(self.keys, self._key_buffer, key_states, spare)
+        self.values, self._value_buffer = _append(self.values, self._value_buffer, value_states, spare)
         return self.keys, self.values
 
     def reset(self) -> None:
@@ -115,12 +130,13 @@ class SlidingLayer(DynamicSlidingWindowLayer):
         super().reset()
 
 
-def new_cache(config: PretrainedConfig) -> DynamicCache:
-    """An empty DynamicCache for a model of `config`, its layers growing in place."""
+def new_cache(config: PretrainedConfig, capacity: int | None = None) -> DynamicCache:
+    """An empty DynamicCache for a model of `config`, its layers growing in place; with `capacity`, its
+    full-attention layers hold that many positions from the start (more still grow, as without)."""
     cache = DynamicCache(config=config)
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:
-            cache.layers[index] = GrowingLayer()
+            cache.layers[index] = GrowingLayer(capacity)
         elif type(layer) is DynamicSlidingWindowLayer:
             cache.layers[index] = SlidingLayer(sliding_window=layer.sliding_window)
     return cache

@@ -152,10 +152,9 @@ def compress(model: nn.Module, fmt: str) -> nn.Module:
     if not isinstance(embedding, nn.Embedding) or not _embedding_supported(embedding):
         raise UnsupportedModelError(f"{type(embedding).__name__} is not an embedding {fmt} weights support: "
                                     f"use --weights dense")
-    identity = model_identity(model)  # the profile measured on the dense weights stays this model's
     pages = _FilePages()
-    for parameter in model.parameters():
-        pages.release(parameter)  # the identity's samples read pages of each
+    # the profile measured on the dense weights stays this model's; its samples fault in pages of every weight
+    identity = model_identity(model, done=pages.release)
     head = model.get_output_embeddings()
     tied = isinstance(head, nn.Linear) and head.weight.data_ptr() == embedding.weight.data_ptr()
     shared = Int8Blocks.quantize(embedding.weight.detach(), done=pages.release) if fmt == "int8" else None

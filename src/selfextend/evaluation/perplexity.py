@@ -23,7 +23,7 @@ def _check(ids: torch.Tensor) -> None:
 def _window_nll(model: PreTrainedModel, window: torch.Tensor, first: int, chunk_size: int, on_chunk) -> torch.Tensor:
     """NLL of tokens first+1..end of `window` (1×m) given the window before them, from one fresh cache."""
     m = window.shape[1]
-    cache = new_cache(model.config)
+    cache = new_cache(model.config, m)
     out = []
     for start in range(0, m - 1, chunk_size):
         end = min(m - 1, start + chunk_size)

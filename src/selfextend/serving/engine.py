@@ -226,7 +226,8 @@ class Engine:
         (metrics.prefix_hits if reused else metrics.prefix_misses).inc()
         metrics.reused_tokens.inc(reused)
         metrics.prompt_tokens.inc(n)
-        cache = restore(entry, reused, self.model.config) if entry is not None else None
+        capacity = n + p.max_tokens  # the prompt and the longest answer: the cache is allocated once
+        cache = restore(entry, reused, self.model.config, capacity) if entry is not None else None
         recorder = Recorder(key, prompt, self.chunk_size, entry, reused)
         read = [reused]
 
@@ -238,7 +239,7 @@ class Engine:
             if job.cancelled.is_set():
                 raise Cancelled
 
-        cache = prefill(self.model, p.ids, self.chunk_size, cache=cache, on_chunk=after_chunk)
+        cache = prefill(self.model, p.ids, self.chunk_size, cache=cache, on_chunk=after_chunk, capacity=capacity)
         if self.prefix.capacity_bytes:
             self.prefix.add(recorder.finish(cache))
             metrics.prefix_bytes.set(self.prefix.nbytes)

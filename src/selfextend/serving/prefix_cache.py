@@ -126,9 +126,10 @@ class PrefixCache:
         return True
 
 
-def restore(entry: Entry, length: int, config: PretrainedConfig) -> DynamicCache:
-    """A new cache holding the first `length` tokens of `entry` (`length` one of its boundaries)."""
-    cache = new_cache(config)
+def restore(entry: Entry, length: int, config: PretrainedConfig, capacity: int | None = None) -> DynamicCache:
+    """A new cache holding the first `length` tokens of `entry` (`length` one of its boundaries); its full
+    layers take `capacity` positions at their next update (see `new_cache`)."""
+    cache = new_cache(config, capacity)
     for i, layer in enumerate(cache.layers):
         if not layer.is_sliding and i not in entry.full:
             continue  # a layer that held nothing (shared keys and values)
