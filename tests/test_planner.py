@@ -13,7 +13,7 @@ from conftest import TRAIN_LENGTH, make_model, make_profile
 
 @pytest.mark.parametrize("train, effective, target", [
     (4096, None, 16384), (32768, None, 65536), (4096, None, 40000), (2048, None, 5000), (128, None, 1024),
-    (32768, 16384, 40960), (32768, 16384, 65536), (32768, 20000, 24000), (128, 100, 2048)])
+    (32768, 16384, 40960), (32768, 16384, 65536), (32768, 20000, 24000), (128, 100, 800)])
 def test_plan_keeps_positions_within_two_thirds_of_the_planning_length(train, effective, target):
     chosen = plan(train, target, effective)
     length = effective or train
@@ -23,6 +23,22 @@ def test_plan_keeps_positions_within_two_thirds_of_the_planning_length(train, ef
     assert chosen.max_length >= target
     # the smallest such group: one less would overflow the budget
     assert largest_position_used(target, chosen.group_size - 1, chosen.window_size) > 2 * length // 3
+
+
+@pytest.mark.parametrize("train, effective, target, coarse", [
+    (8192, 2048, 32768, 38), (32768, 14336, 131072, 22), (8192, 2048, 200000, 234)])
+def test_where_e_needs_groups_coarser_than_the_fine_group_the_plan_is_made_against_l(train, effective, target,
+                                                                                      coarse):
+    """Planning against E would take G = `coarse` > FINE_GROUP: the plan is L's (finer groups), E kept on record."""
+    from selfextend.planning.plan import FINE_GROUP, _smallest_group
+
+    assert _smallest_group(target, effective // 4, 2 * effective // 3) == coarse > FINE_GROUP
+    chosen, by_training = plan(train, target, effective), plan(train, target)
+    assert (chosen.group_size, chosen.window_size) == (by_training.group_size, by_training.window_size)
+    assert chosen.group_size < coarse and chosen.planning_length == train
+    assert chosen.effective_length == effective and chosen.settings.effective_length == effective
+    assert f"it would take G = {coarse}" in chosen.reason and "word order" in chosen.reason
+    assert chosen.as_dict()["planning_length"] == train
 
 
 def test_window_is_not_forced_to_a_multiple_of_the_group():
@@ -153,7 +169,7 @@ def test_apply_records_the_effective_length_given_with_group_size_and_window():
     ("gemma3-270m", 40000, 7, 3584),  # the README's main job
     ("gemma3-270m", 65536, 11, 3584),
     ("smollm2", 16384, 19, 512),  # docs/results.md, SmolLM2
-    ("smollm2", 32768, 38, 512)])
+    ("smollm2", 32768, 10, 2048)])  # against E: G = 38, which lost niah needles there
 def test_the_shipped_profiles_plan_what_the_results_report(model, target, group, window):
     """The rule on both real models' measured E: the plans whose results docs/results.md reports."""
     from selfextend.planning.profiles import SHIPPED, load_profile
@@ -162,4 +178,5 @@ def test_the_shipped_profiles_plan_what_the_results_report(model, target, group,
     profile = profiles[model]
     chosen = plan(profile.train_length, target, profile.effective_length)
     assert (chosen.group_size, chosen.window_size) == (group, window)
-    assert chosen.largest_position <= 2 * profile.effective_length // 3 and chosen.max_length >= target
+    assert chosen.largest_position <= 2 * chosen.planning_length // 3
+    assert chosen.max_length >= target

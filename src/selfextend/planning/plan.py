@@ -6,20 +6,27 @@ the authors' rule of thumb applied to P: keep the largest position SelfExtend pr
 within 2/3 of P, with the neighbor window W = P/4. The smallest such G keeps the most positional
 detail. W need not be a multiple of G: the formula does not need it.
 
-When no G up to MAX_GROUP meets that budget, W shrinks (down to P/16) before the budget is given up;
-past that, G = MAX_GROUP with W = P/16 as long as every position stays inside L. Only an input that
-even this cannot read is refused.
+Groups coarser than FINE_GROUP lose the order of the words they merge: on SmolLM2 at 32K, planned
+against E = 2048, G = 38 found 1 of 3 niah needles, where G = 20 found 3 of 3 and G = 8 (W = 2048) 6 of 6
+(docs/results.md). So when planning against E needs a coarser group, the plan is made against L instead,
+whose budget allows finer groups; on Gemma at 40K, where E needs only G = 7, planning against L had lost
+the passkey, so E stays the rule wherever its groups are fine.
+
+When no G up to MAX_GROUP meets the budget, W shrinks (down to P/16) before the budget is given up; past
+that, G = MAX_GROUP with W = P/16 as long as every position stays inside L. Only an input that even this
+cannot read is refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import MIN_PLANNING_LENGTH, SelfExtendConfig, check_effective_length
 from ..errors import InputTooLongError
 from ..positions import extended_limit, largest_position_used
 
 MAX_GROUP = 64  # beyond this, grouped positions are too coarse to be useful
+FINE_GROUP = 20  # coarser groups lose word order (niah on SmolLM2 at 32K: G = 38 lost needles, G <= 20 kept them)
 BUDGET_NUMERATOR, BUDGET_DENOMINATOR = 2, 3  # largest position within 2/3 of P (the authors' 1/2-2/3 rule)
 WINDOW_DIVISOR = 4  # W = P/4
 MIN_WINDOW_DIVISOR = 16  # W is never shrunk below P/16
@@ -32,6 +39,7 @@ class Plan:
     settings: SelfExtendConfig
     target_length: int | None
     reason: str
+    against_training_length: bool = False  # E is known, but the plan was made against L (finer groups)
 
     train_length = property(lambda self: self.settings.train_length)
     method = property(lambda self: self.settings.method)
@@ -49,8 +57,8 @@ class Plan:
 
     @property
     def planning_length(self) -> int:
-        """P: the length the plan keeps positions within (E if known, else L)."""
-        return self.effective_length or self.train_length
+        """P: the length the plan keeps positions within (E if known and used, else L)."""
+        return self.train_length if self.against_training_length else self.effective_length or self.train_length
 
     @property
     def fits(self) -> bool:
@@ -112,6 +120,12 @@ def plan(train_length: int, target_length: int, effective_length: int | None = N
         return made(1, window, f"{target_length} tokens fit within the {what}: G = 1 is the model's own attention")
     budget = length * BUDGET_NUMERATOR // BUDGET_DENOMINATOR
     group = _smallest_group(target_length, window, budget)
+    if group > FINE_GROUP and effective_length is not None and effective_length < train_length:
+        by_training = plan(train_length, target_length)
+        settings = replace(by_training.settings, effective_length=effective_length, effective_source=effective_source)
+        return Plan(settings, target_length, f"against the {what} it would take G = {group}, and groups coarser than "
+                                             f"{FINE_GROUP} lose word order, so planned against the training length: "
+                                             f"{by_training.reason}", against_training_length=True)
     if group <= MAX_GROUP:
         used = largest_position_used(target_length, group, window)
         return made(group, window, f"smallest G keeping the largest position W + (N - W)/G = {used} within 2/3 of "
