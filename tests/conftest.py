@@ -124,31 +124,12 @@ def rotated_keys(monkeypatch) -> list[int]:
     return sizes
 
 
-def free_port() -> int:
-    """A localhost port nothing listens on."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def wait_until_healthy(url: str, process, log_path, seconds: float) -> None:
-    """Poll `url`/health until it answers 200; fail with the server's log if it exits or takes too long."""
-    import time
+    """Wait for `url`/health; fail with the server's log if it exits or takes longer than `seconds`."""
+    from selfextend.serving.local import wait_until_healthy as healthy
 
-    import httpx
-
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"the server did not start:\n{open(log_path).read()[-4000:]}")
-        time.sleep(0.3)
+    if not healthy(url, process, seconds):
+        pytest.fail(f"the server did not start:\n{open(log_path).read()[-4000:]}")
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -22,7 +22,8 @@ from selfextend import apply, models  # noqa: E402
 from selfextend.inference import answer, pad_id, prefill  # noqa: E402
 from selfextend.planning import plan_for  # noqa: E402
 from selfextend.samples import passkey_sample, token_counter  # noqa: E402
-from conftest import free_port, wait_until_healthy  # noqa: E402
+from conftest import wait_until_healthy  # noqa: E402
+from selfextend.serving.local import free_port  # noqa: E402
 
 KEY, NAME, CHUNK, CAP, QUEUE = "sk-test-key", "testbed", 32, 64, 4
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -21,7 +21,8 @@ vllm = pytest.importorskip("vllm")
 import selfextend  # noqa: E402
 from selfextend.testbed import WEIGHTS as TESTBED  # noqa: E402
 from selfextend.vllm.settings import SelfExtendVLLMError, engine_settings  # noqa: E402
-from conftest import COMMON, free_port, save_tokenizer, wait_until_healthy  # noqa: E402
+from conftest import COMMON, save_tokenizer, wait_until_healthy  # noqa: E402
+from selfextend.serving.local import free_port  # noqa: E402
 
 HELPER = Path(__file__).parent.parent / "helpers" / "vllm_generate.py"
 LOGPROB_TOLERANCE = 2e-5  # two implementations of the same float32 model: vLLM's layers and transformers'
