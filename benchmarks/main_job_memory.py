@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import json
 import sys
 import time
@@ -39,8 +40,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows here")
     options = parser.parse_args()
     mark("start")
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
+    importlib.import_module("torch")
+    importlib.import_module("transformers")
     mark("torch and transformers imported")
     from selfextend import cli, models
     from selfextend.inference import answer, pad_id, prefill

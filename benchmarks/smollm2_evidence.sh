@@ -39,7 +39,13 @@ time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out
 time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" --methods selfextend:G=8,W=2048
 # yarn and dynamic perplexity at 32K
 time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" --methods yarn,dynamic
-# not run yet (about 4x a 16K cell each): the plan's second niah needle at 32K, the hand-picked G/W's second passkey
-#   selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" --methods selfextend
-#   selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --seed 1 --out "$out/passkey" \
-#     --methods selfextend:G=8,W=2048
+# G = 20, W = 512 at 32K: the coarsest group kept by the rule, at E's window (2026-12-02)
+time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/niah" --methods selfextend:G=20,W=512
+time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods selfextend:G=20,W=512
+# the plan since 2026-12-02 (against L where E needs G > 20): G = 10, W = 2048 at 32K, named so that the
+# harness does not take the old plan's "selfextend" rows for it
+time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/niah" --methods selfextend:G=10,W=2048
+time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods selfextend:G=10,W=2048
+time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" --methods selfextend:G=10,W=2048
+# not run yet (about 4x a 16K cell each): second keys and needles (--samples 2) for G = 10, W = 2048 and
+# G = 20, W = 512 at 32K; G = 20, W = 2048
