@@ -47,5 +47,7 @@ time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out
 time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/niah" --methods selfextend:G=10,W=2048
 time selfextend eval passkey $m --lengths 32k --depths 0.25,0.5,0.75 --out "$out/passkey" --methods selfextend:G=10,W=2048
 time selfextend eval perplexity $m --lengths 32k --out "$out/ppl" --methods selfextend:G=10,W=2048
-# not run yet (about 4x a 16K cell each): second keys and needles (--samples 2) for G = 10, W = 2048 and
-# G = 20, W = 512 at 32K; G = 20, W = 2048
+time selfextend eval niah $m --lengths 32k --depths 0.25,0.5,0.75 --samples 2 --out "$out/niah" \
+  --methods selfextend:G=10,W=2048  # its second needle
+# not run yet (about 4x a 16K cell each): the second key (--seed 1) for G = 10, W = 2048; second keys and
+# needles for G = 20, W = 512 and its perplexity; G = 20, W = 2048
