@@ -7,6 +7,7 @@ checkout's SelfExtend (its src/ first on PYTHONPATH) to every round.
 
     python benchmarks/gemma_prefill.py --tokens 32768,65536
     python benchmarks/gemma_prefill.py --tokens 32768 --before /tmp/old --json gemma.json
+    python benchmarks/gemma_prefill.py --tokens 16384 --busy     # one competing CPU-bound process throughout
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 from fresh import in_fresh_process
@@ -60,11 +63,23 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--before", help="an older checkout (git worktree) whose SelfExtend runs in the same rounds")
     parser.add_argument("--json", help="write every measurement here")
+    parser.add_argument("--busy", action="store_true",
+                        help="with one competing CPU-bound process running throughout (a busy user's machine)")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(int(args.one[0]), args.one[1], args.chunk_size)))
         return
+    competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    try:
+        _measure_all(args)
+    finally:
+        if competitor is not None:
+            competitor.kill()
+
+
+def _measure_all(args) -> None:
+    """Every length and method, methods alternating in each round; printed as they finish."""
     methods = ["vanilla", "selfextend"] + (["before"] if args.before else [])
     print(f"{'tokens':>7} {'method':<11} {'settings':<14} {'tok/s':>7} {'× vanilla':>9} {'peak MiB':>9}", flush=True)
     results = []

@@ -90,7 +90,8 @@ def test_unused_static_slots_are_never_attended():
 
 # --- torch.compile ----------------------------------------------------------------------------------------
 
-GRAPH_BREAKS = 40  # measured: 41 graphs (2 layers, 40 tokens, 2 blocks of 32); data-dependent Python ints break them
+GRAPH_BREAKS = 49  # measured: 50 graphs (2 layers, 40 tokens, 2 blocks of 32, each block a call of its own since
+# the busy-machine workers: 41 before); data-dependent Python ints break them
 
 
 def _compiled(fn):

@@ -11,7 +11,8 @@ starting at key index a = shift + t0, then take, from the newest key back:
 The CPU kernel costs about as much per pair on a [b, b] causal tile as on a full one, so each of the
 three triangles wastes b²/2 pairs: small sub-blocks keep that small, large blocks keep the big calls
 efficient. Masks cost O(n·b) in all; padding or a cut at the sequence start falls back to masks.
-Memory is O(n·(b + W)) per layer, never n×n.
+Memory is O(n·(b + W)) per layer, never n×n. On a CPU whose cores another process holds, the blocks of a call
+run on one single-threaded worker per core (`workers.py`), the costliest first.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..rotary import GroupedRotation
 from .layout import Geometry, grouped_key_count
 from .merge import merge_states
 from .partial import attend
+from .workers import run_blocks
 
 DEFAULT_BLOCK = 1024  # queries per block: the CPU kernel tiles queries by 256 from 768 on; tests shrink it
 SUB_BLOCK = 256  # queries per sub-block, where the band's and the grouped edges' triangles are
@@ -115,8 +117,8 @@ def local_attention(
     b, h, n, d = query.shape
     block, sub = _block_sizes(geometry, n, window, block)
     out = query.new_empty(b, n, h, d)
-    for t0 in range(0, n, block):
-        _attend_block(out, query[:, :, t0:t0 + block], key, value, geometry, t0, window, scale, sub)
+    run_blocks(_attend_block, [(out, query[:, :, t0:t0 + block], key, value, geometry, t0, window, scale, sub)
+                               for t0 in range(0, n, block)], query)
     return out
 
 
@@ -131,7 +133,7 @@ def selfextend_attention(
     Returns [b, n, hq, d], the layout `transformers` expects from an attention function.
     """
     b, h, n, d = query.shape
-    shift, W = geometry.shift, rotation.window_size
+    W = rotation.window_size
     block, sub = _block_sizes(geometry, n, W, block)
     n_grouped = grouped_key_count(geometry, n, key.shape[2], W)
     if not n_grouped:
@@ -141,13 +143,19 @@ def selfextend_attention(
     else:
         key_grouped = key_grouped[:, :, :n_grouped]
     out = query.new_empty(b, n, h, d)
-    for t0 in range(0, n, block):
-        t1 = min(n, t0 + block)
-        rest_end = shift + t0 - W + (t1 - t0 == 1)  # keys before it: grouped for every query of the block
-        grouped, rest = None, None
-        if min(n_grouped, rest_end + t1 - t0) > 0:
-            query_grouped = rotation(query[:, :, t0:t1], geometry.query_positions[:, t0:t1], "query")
-            grouped = (query_grouped, key_grouped, max(rest_end, 0))
-            rest = _partial(query_grouped, key_grouped, value, geometry, t0, 0, rest_end, W, None, scale)
-        _attend_block(out, query[:, :, t0:t1], key, value, geometry, t0, W, scale, sub, grouped, rest)
+    run_blocks(_selfextend_block, [(out, query, key, value, geometry, rotation, key_grouped, n_grouped, t0, block,
+                                    sub, scale) for t0 in range(0, n, block)], query, growing=True)
     return out
+
+
+def _selfextend_block(out, query, key, value, geometry, rotation, key_grouped, n_grouped, t0, block, sub, scale):
+    """Write the output rows of the query block starting at t0: its grouped rest, then its sub-blocks."""
+    n, W = query.shape[2], rotation.window_size
+    t1 = min(n, t0 + block)
+    rest_end = geometry.shift + t0 - W + (t1 - t0 == 1)  # keys before it: grouped for every query of the block
+    grouped, rest = None, None
+    if min(n_grouped, rest_end + t1 - t0) > 0:
+        query_grouped = rotation(query[:, :, t0:t1], geometry.query_positions[:, t0:t1], "query")
+        grouped = (query_grouped, key_grouped, max(rest_end, 0))
+        rest = _partial(query_grouped, key_grouped, value, geometry, t0, 0, rest_end, W, None, scale)
+    _attend_block(out, query[:, :, t0:t1], key, value, geometry, t0, W, scale, sub, grouped, rest)

@@ -1,0 +1,134 @@
+"""Query blocks on one single-threaded worker per core while the CPU is busy: the same outputs, bit for bit, as in
+order on one thread, and the run-queue delay that says when."""
+
+import os
+import threading
+
+import pytest
+import torch
+
+from selfextend.attention import blockwise, workers
+from test_kernels import _problem, _rotation
+
+several_cores = pytest.mark.skipif(min(torch.get_num_threads(), len(os.sched_getaffinity(0))) < 2,
+                                   reason="workers run only where torch has several threads and cores")
+
+
+def _in_order(monkeypatch):
+    monkeypatch.setattr(workers, "workers_for", lambda like: 1)
+
+
+@pytest.fixture
+def busy(monkeypatch):
+    """The machine seen as busy: another process holds a core."""
+    monkeypatch.setattr(workers.contention, "look", lambda: True)
+
+
+@several_cores
+@pytest.mark.parametrize("pads", [[0], [0, 5]])
+def test_selfextend_and_local_blocks_on_workers_equal_them_in_order(monkeypatch, busy, pads):
+    _, _, v, q, k, geometry = _problem(40, 52, pads=pads)
+    rotation, calls = _rotation(3, 6), []
+    original = blockwise._attend_block
+    monkeypatch.setattr(blockwise, "_attend_block", lambda *a, **kw: (
+        calls.append((threading.current_thread().name, torch.get_num_threads())), original(*a, **kw))[1])
+    with torch.inference_mode():
+        on_workers = (blockwise.selfextend_attention(q, k, v, geometry, rotation, 0.25, block=8),
+                      blockwise.local_attention(q, k, v, geometry, 7, 0.25, block=8))
+        assert len(calls) == 10 and all(name.startswith("selfextend-block") and threads == 1
+                                        for name, threads in calls)
+        _in_order(monkeypatch)
+        calls.clear()
+        in_order = (blockwise.selfextend_attention(q, k, v, geometry, rotation, 0.25, block=8),
+                    blockwise.local_attention(q, k, v, geometry, 7, 0.25, block=8))
+        assert [name for name, _ in calls] == [threading.current_thread().name] * 10
+    for got, expected in zip(on_workers, in_order):
+        assert torch.equal(got, expected)
+
+
+@several_cores
+def test_workers_keep_this_threads_modes_and_raise_a_tasks_exception(busy):
+    seen = []
+
+    def note():
+        seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+
+    def fail():
+        raise ValueError("block 2")
+
+    like = torch.zeros(1)
+    with torch.inference_mode():
+        workers.run_blocks(note, [()] * 2, like)
+    with torch.no_grad():
+        workers.run_blocks(note, [()] * 2, like)
+    assert seen == [(True, False)] * 2 + [(False, False)] * 2
+    with pytest.raises(ValueError, match="block 2"):
+        workers.run_blocks(lambda task: task(), [(note,), (fail,), (note,)], like)
+
+
+def test_autograd_tracing_one_thread_other_devices_and_a_quiet_machine_run_in_order(monkeypatch, busy):
+    leaf = torch.zeros(1, requires_grad=True)
+    assert workers.workers_for(leaf) == 1  # autograd records each block's graph on this thread
+    with torch.no_grad():
+        assert workers.workers_for(leaf) == min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
+    assert workers.workers_for(torch.zeros(1, device="meta")) == 1
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert workers.workers_for(torch.zeros(1)) == 1
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # a thread bound to one core (vLLM's workers)
+    assert workers.workers_for(torch.zeros(1)) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(workers.contention, "look", lambda: False)  # nothing else wants the cores
+    assert workers.workers_for(torch.zeros(1)) == 1
+
+
+@several_cores
+def test_a_block_task_that_runs_blocks_runs_them_in_order_on_its_own_worker(busy):
+    seen = []
+
+    def outer():
+        names = []
+        workers.run_blocks(lambda: names.append(threading.current_thread().name), [()] * 2, torch.zeros(1))
+        seen.append((threading.current_thread().name, names))
+
+    workers.run_blocks(outer, [()] * 2, torch.zeros(1))
+    assert len(seen) == 2 and all(name.startswith("selfextend-block") and names == [name] * 2 for name, names in seen)
+
+
+@several_cores
+def test_threads_started_after_the_workers_get_this_threads_count(monkeypatch, busy):
+    monkeypatch.setattr(workers, "_pool", None)  # a pool started in this test
+    workers.run_blocks(lambda: None, [()] * 2, torch.zeros(1))
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [torch.get_num_threads()] and seen[0] > 1
+
+
+def test_contention_is_the_run_queue_delay_against_the_time_passed(monkeypatch):
+    clock, delay = [100.0], [5_000_000_000]
+    monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+    seen = workers.Contention(lambda: delay[0])
+    assert not seen.look()  # a first look has nothing to compare
+    clock[0] += 1.0
+    delay[0] += 50_000_000  # 0.05 s waited in 1 s: quiet
+    assert not seen.look()
+    clock[0] += 2.0
+    delay[0] += 1_000_000_000  # 1 s in 2 s: a core held by another process
+    assert seen.look()
+    clock[0] += 0.001
+    assert seen.look()  # too soon after the last look to tell: its answer stands
+    clock[0] += 1.0
+    assert not seen.look()  # no more delay since the last look that counted
+    assert not workers.Contention(lambda: None).look()  # no statistics on this system: never busy
+
+
+def test_run_queue_delay_sums_the_threads_and_skips_what_it_cannot_read(tmp_path):
+    for thread, text in (("1", "900 250 3\n"), ("2", "10 750 1\n"), ("3", "")):
+        (tmp_path / thread).mkdir()
+        (tmp_path / thread / "schedstat").write_text(text)
+    (tmp_path / "4").mkdir()  # a thread that ended while it was read
+    assert workers.run_queue_delay(tmp_path) == 1000
+    assert workers.run_queue_delay(tmp_path / "none") is None
+    assert isinstance(workers.run_queue_delay(), (int, type(None)))
