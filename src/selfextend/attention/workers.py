@@ -56,6 +56,7 @@ class Contention:
         self.busy = False
 
     def look(self) -> bool:
+        """Busy or not by the delay since the last look; the last answer stands if that was under `_LOOK_EVERY` ago."""
         now, delay = time.monotonic(), self._delay()
         if delay is None:
             self._last, self.busy = None, False
