@@ -23,12 +23,10 @@ import itertools
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 
-from fresh import in_fresh_process
+from fresh import competing_process, in_fresh_process
 
 HEADS = 8
 
@@ -175,12 +173,8 @@ def main() -> None:
         before = {Cell(**r["cell"]).label: r for r in json.load(open(args.compare))}
     print(f"{'cell':<56} {'vanilla':>9} {'SE':>9} {'time ×':>7} {'mem ×':>6}"
           + (f" {'before ×':>9} {'mem ×':>6}" if args.before else "") + (f" {'earlier ×':>9}" if before else ""))
-    competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
-    try:
+    with competing_process(args.busy):
         results = _rows(args, before)
-    finally:
-        if competitor is not None:
-            competitor.kill()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -16,11 +16,9 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
-from fresh import in_fresh_process
+from fresh import competing_process, in_fresh_process
 
 
 def measure(tokens: int, method: str, chunk_size: int) -> dict:
@@ -70,12 +68,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(int(args.one[0]), args.one[1], args.chunk_size)))
         return
-    competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
-    try:
+    with competing_process(args.busy):
         _measure_all(args)
-    finally:
-        if competitor is not None:
-            competitor.kill()
 
 
 def _measure_all(args) -> None:
