@@ -2,6 +2,7 @@
 
 import importlib.machinery
 import importlib.util
+import platform
 
 import pytest
 
@@ -61,3 +62,75 @@ def test_a_converted_checkpoint_is_a_plain_one(tmp_path):
     ids = torch.randint(0, 64, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+TEXTS = ["the cat sat on the mat", "  two  spaces\n\tand a tab ", "ünïcödé 日本 🙂", "<bos>the<eos> <pad>", ""]
+
+
+def _small_gemma_tokenizer():
+    """A GemmaTokenizer (a model-specific class that rebuilds its backend in Python) with a few merges."""
+    import transformers
+
+    vocab = {token: index for index, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("a", "t"), ("▁", "c"), ("▁c", "at"), ("▁", "s")]
+    for token in [*"▁abcdefghijklmnopqrstuvwxyz\n\t", *(a + b for a, b in merges)]:
+        vocab.setdefault(token, len(vocab))
+    return transformers.GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+
+
+def test_a_converted_models_tokenizer_is_read_by_tokenizers_itself_with_the_same_ids(tmp_path):
+    """The project's own converted caches load their tokenizer.json through the generic TokenizersBackend
+    (no vocabulary kept as Python objects), and it tokenizes exactly as the model-specific class it was saved
+    from."""
+    import transformers
+
+    saved = _small_gemma_tokenizer()
+    saved.save_pretrained(tmp_path)
+    specific = models.load_tokenizer(models.ModelSource(str(tmp_path)))
+    generic = models.load_tokenizer(models.ModelSource(str(tmp_path), converted=True))
+    assert type(specific) is transformers.GemmaTokenizer
+    assert type(generic) is transformers.TokenizersBackend
+    assert specific("the cat").input_ids != generic("the cat", add_special_tokens=False).input_ids  # <bos> added
+    for text in TEXTS:
+        for options in ({}, {"add_special_tokens": False}):
+            ids = specific(text, **options).input_ids
+            assert generic(text, **options).input_ids == ids
+            assert generic.decode(ids) == specific.decode(ids)
+            assert generic.decode(ids, skip_special_tokens=True) == specific.decode(ids, skip_special_tokens=True)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "all_special_ids"):
+        assert getattr(generic, name) == getattr(specific, name)
+    assert len(generic) == len(specific)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(models.NAMED_MODELS))
+def test_named_models_tokenizers_give_the_same_ids_either_way(name):
+    """On the real named models (their converted caches; converted first if need be): the generic backend and
+    the model-specific class give the same ids for a passkey document and the same text back."""
+    import transformers
+
+    from selfextend.samples import passkey_sample, token_counter
+
+    try:
+        source = models.resolve(name)
+    except models.ModelNotFoundError as error:
+        pytest.skip(str(error))
+    if not source.converted:
+        models.load_model(source)
+        source = models.resolve(name)
+    generic = models.load_tokenizer(source)
+    specific = transformers.AutoTokenizer.from_pretrained(source.name_or_path, local_files_only=True)
+    document = passkey_sample(token_counter(specific), 4000).text
+    for text in TEXTS + [document]:
+        ids = specific(text).input_ids
+        assert generic(text).input_ids == ids
+        assert generic.decode(ids) == specific.decode(ids)
+
+
+def test_freed_memory_is_given_back_where_the_c_library_can():
+    from selfextend.allocator import return_freed_memory
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert return_freed_memory() is glibc
