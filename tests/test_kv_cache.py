@@ -110,3 +110,13 @@ def test_past_its_capacity_a_layer_grows_as_without_one():
     assert layer._key_buffer.shape[-2] == 6
     layer.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))
     assert layer._key_buffer.shape[-2] == 7 + 256 and layer.keys.shape[-2] == 7
+
+
+def test_prefill_gives_back_the_memory_each_chunk_freed(monkeypatch):
+    from selfextend import inference
+
+    given_back, chunk_ends = [], []
+    monkeypatch.setattr(inference, "return_freed_memory", lambda: given_back.append(len(chunk_ends)))
+    model = selfextend.apply(make_model("gemma3"), 4, 8)
+    inference.prefill(model, _ids(90), chunk_size=16, on_chunk=lambda end, cache: chunk_ends.append(end))
+    assert chunk_ends == [16, 32, 48, 64, 80, 89] and given_back == [0, 1, 2, 3, 4, 5]

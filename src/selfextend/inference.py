@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
+from .allocator import return_freed_memory
 from .integration import settings
 from .kv_cache import new_cache
 from .transformers_compat import cache_kwargs, length_reminder_held_back
@@ -25,7 +26,8 @@ def prefill(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 2048, p
     Given a `cache` that already holds a prefix of `ids`, only the rest is read. Chunks end at multiples of
     `chunk_size` counted from the first token, so a prefill resumed from a chunk boundary runs exactly the
     forward passes of one from scratch. `on_chunk(end, cache)` runs after each chunk (it may raise to stop).
-    `capacity`: the positions a cache made here will hold (prompt and answer), allocated at once.
+    `capacity`: the positions a cache made here will hold (prompt and answer), allocated at once. After each
+    chunk the memory its intermediates freed is given back (`allocator`), so chunks do not pile up held pages.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk size must be positive, got {chunk_size}")
@@ -39,6 +41,7 @@ def prefill(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 2048, p
         while start < n - 1:
             end = min(n - 1, (start // chunk_size + 1) * chunk_size)
             model(ids[:, start:end], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+            return_freed_memory()
             bar.update(end - start)
             if on_chunk is not None:
                 on_chunk(end, cache)
