@@ -8,6 +8,7 @@ checkout's SelfExtend (its src/ first on PYTHONPATH) to every round.
     python benchmarks/gemma_prefill.py --tokens 32768,65536
     python benchmarks/gemma_prefill.py --tokens 32768 --before /tmp/old --json gemma.json
     python benchmarks/gemma_prefill.py --tokens 16384 --busy     # one competing CPU-bound process throughout
+    python benchmarks/gemma_prefill.py --tokens 16384 --weights int8   # generate's default weights on CPU
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from fresh import competing_process, in_fresh_process
 
 
-def measure(tokens: int, method: str, chunk_size: int) -> dict:
+def measure(tokens: int, method: str, chunk_size: int, weights: str = "dense") -> dict:
     """One prefill in this process: seconds, tokens/s, peak RSS (MiB) and the settings used."""
     import torch
 
@@ -31,7 +32,7 @@ def measure(tokens: int, method: str, chunk_size: int) -> dict:
     from selfextend.samples import passkey_sample
 
     source = models.resolve(None)
-    tokenizer, model = models.load_tokenizer(source), models.load_model(source)
+    tokenizer, model = models.load_tokenizer(source), models.load_model(source, weights=weights)
     sample = passkey_sample(lambda text: len(tokenizer(text).input_ids), tokens)
     ids = tokenizer(sample.text + sample.question, return_tensors="pt").input_ids[:, :tokens]
     settings = "-"
@@ -48,9 +49,9 @@ def measure(tokens: int, method: str, chunk_size: int) -> dict:
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "settings": settings}
 
 
-def _in_process(tokens: int, method: str, chunk_size: int, before: str | None) -> dict:
+def _in_process(tokens: int, method: str, chunk_size: int, before: str | None, weights: str) -> dict:
     old = before if method == "before" else None
-    argv = ["--one", str(tokens), "selfextend" if old else method, "--chunk-size", str(chunk_size)]
+    argv = ["--one", str(tokens), "selfextend" if old else method, "--chunk-size", str(chunk_size), "--weights", weights]
     return in_fresh_process(__file__, argv, old)
 
 
@@ -63,10 +64,12 @@ def main() -> None:
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--busy", action="store_true",
                         help="with one competing CPU-bound process running throughout (a busy user's machine)")
+    parser.add_argument("--weights", default="dense", help="the weight format (as load_model's; generate's default "
+                        "on CPU is int8)")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(int(args.one[0]), args.one[1], args.chunk_size)))
+        print(json.dumps(measure(int(args.one[0]), args.one[1], args.chunk_size, args.weights)))
         return
     with competing_process(args.busy):
         _measure_all(args)
@@ -81,7 +84,7 @@ def _measure_all(args) -> None:
         runs = {m: [] for m in methods}
         for _ in range(args.repeats):
             for method in methods:
-                runs[method].append(_in_process(tokens, method, args.chunk_size, args.before))
+                runs[method].append(_in_process(tokens, method, args.chunk_size, args.before, args.weights))
         vanilla = statistics.median(r["tok_s"] for r in runs["vanilla"])
         for method, rs in runs.items():
             speed = statistics.median(r["tok_s"] for r in rs)
