@@ -75,3 +75,20 @@ def test_the_max_length_reminder_is_held_back_within_the_plan():
         warnings.simplefilter("always")
         assert _reminders(model, 120)
     assert any("exceeds the SelfExtend limit" in str(w.message) for w in ours)
+
+
+def test_models_load_without_hub_kernels(monkeypatch):
+    """transformers 5.25 turned hub kernels on by default; we load with them off on every release (no Hub at
+    run time, the layers' own numerics)."""
+    from selfextend import models
+
+    given = {}
+    load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        given.update(kwargs)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    model = models.load_model(models.resolve("testbed"))
+    assert given["use_kernels"] is False and not getattr(model, "use_kernels", False)

@@ -23,6 +23,7 @@ import transformers
 
 from .allocator import return_freed_memory
 from .paths import cache_home
+from .transformers_compat import LOAD_OPTIONS
 
 DEFAULT_MODEL = "gemma3-270m"
 SMOLLM2 = "smollm2"
@@ -170,7 +171,7 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32",
     with contextlib.nullcontext() if source.gguf_file else _no_progress_bars():
         model = transformers.AutoModelForCausalLM.from_pretrained(
             source.name_or_path, dtype=torch.float32 if source.gguf_file else torch_dtype, attn_implementation="sdpa",
-            **source.kwargs(),
+            **source.kwargs(), **LOAD_OPTIONS,
         )
     if source.cache_to is not None:
         save_converted(model, load_tokenizer(source), source.cache_to)

@@ -5,6 +5,9 @@
 - `generate`'s reminder that a call "exceeded the model's predefined maximum length": reading past the
   training length is what SelfExtend is for, so the reminder is held back while the input is within the
   plan's limit (past it, SelfExtend's own warning says what to do).
+- Hub kernels when loading: 5.25 turned them on by default (`from_pretrained(use_kernels=None)` means True),
+  which needs the `kernels` package and replaces layers by kernels fetched from the Hub at run time, with their
+  own numerics. Earlier releases default to off; we load with them off on every release (`LOAD_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 NEW_CACHE_NAME, OLD_CACHE_NAME = "cache", "past_key_values"
 _REMINDER_LOGGER = "transformers.generation.stopping_criteria"
+LOAD_OPTIONS = {"use_kernels": False}  # from_pretrained's options that every supported release reads alike
 _REMINDER = "This is a friendly reminder - the current text generation call has exceeded the model's predefined"
 
 
