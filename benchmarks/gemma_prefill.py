@@ -91,7 +91,7 @@ def _measure_all(args) -> None:
             peak = statistics.median(r["peak_mib"] for r in rs)
             print(f"{tokens:>7} {method:<11} {rs[0]['settings']:<14} {speed:>7.1f} {speed / vanilla:>9.3f} {peak:>9.0f}",
                   flush=True)
-            results.append({"tokens": tokens, "method": method, "runs": rs, "tok_s": speed,
+            results.append({"tokens": tokens, "method": method, "weights": args.weights, "runs": rs, "tok_s": speed,
                             "ratio": speed / vanilla})
     if args.json:
         with open(args.json, "w") as f:
