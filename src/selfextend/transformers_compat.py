@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from torch import nn
 
 NEW_CACHE_NAME, OLD_CACHE_NAME = "cache", "past_key_values"
-_REMINDER_LOGGER = "transformers.generation.stopping_criteria"
 LOAD_OPTIONS = {"use_kernels": False}  # from_pretrained's options that every supported release reads alike
+_REMINDER_LOGGER = "transformers.generation.stopping_criteria"
 _REMINDER = "This is a friendly reminder - the current text generation call has exceeded the model's predefined"
 
 
