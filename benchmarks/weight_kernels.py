@@ -12,6 +12,13 @@ the weights it holds (its own quantization error is not counted):
 - bfloat16: plain `F.linear` in bfloat16 (activations too).
 
     python benchmarks/weight_kernels.py [--repeat 30] [--json PATH]
+
+With `--step-against CHECKOUT`, instead: one decode step's int8 products of the embedded Gemma 3 270M (every
+projection and the head, from the packed model) with this checkout's kernel and CHECKOUT's `linear_native.c`,
+in alternating rounds in one process (the machine's speed moves by tens of percent within minutes), checked to
+give the same numbers.
+
+    python benchmarks/weight_kernels.py --step-against /tmp/before [--rounds 40]
 """
 
 from __future__ import annotations
@@ -78,11 +85,56 @@ def measure(rows: int, cols: int, repeat: int) -> dict:
     return row
 
 
+def step_against(before: str, rounds: int) -> dict:
+    """Median ms of one decode step's int8 products with this kernel and `before`'s, alternating rounds."""
+    import statistics
+
+    from selfextend import models, native
+    from selfextend.weights import PackedLinear
+
+    ours = linear_native.library()
+    theirs = native.load(Path(before) / "src" / "selfextend" / "linear_native.c")
+    theirs.se_linear_int8.restype, theirs.se_linear_int8.argtypes = None, ours.se_linear_int8.argtypes
+    model = models.load_model(models.resolve(None), weights="int8")
+    products = [(m, torch.randn(1, m.in_features), torch.empty(1, m.out_features))
+                for m in model.modules() if isinstance(m, PackedLinear) and m.format == "int8"]
+    weight_bytes = sum(m.rows.numel() + m.scale.numel() * 4 for m, _, _ in products)
+
+    def step(lib) -> torch.Tensor:
+        for m, x, out in products:
+            lib.se_linear_int8(x.data_ptr(), 1, m.in_features, m.rows.data_ptr(), m.scale.data_ptr(),
+                               m.out_features, m.in_features, None, out.data_ptr(), m.out_features)
+        return torch.cat([out.flatten() for _, _, out in products])
+
+    if not torch.equal(step(ours), step(theirs)):
+        raise SystemExit("the two kernels give different numbers")
+    times: dict[str, list[float]] = {"before": [], "this checkout": []}
+    for _ in range(rounds):
+        for name, lib in (("before", theirs), ("this checkout", ours)):
+            start = time.perf_counter()
+            step(lib)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {"products": len(products), "weight_mb": weight_bytes / 1e6, "rounds": rounds,
+            "median_ms": medians, "ratio": medians["this checkout"] / medians["before"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--step-against", metavar="CHECKOUT", help="time one decode step's int8 products against "
+                        "an older checkout's kernel instead")
+    parser.add_argument("--rounds", type=int, default=40, help="alternating rounds for --step-against")
     args = parser.parse_args()
+    if args.step_against:
+        result = step_against(args.step_against, args.rounds)
+        print(f"{result['products']} int8 products, {result['weight_mb']:.0f} MB: before "
+              f"{result['median_ms']['before']:.1f} ms, this checkout {result['median_ms']['this checkout']:.1f} ms "
+              f"(× {result['ratio']:.2f}), medians of {args.rounds} alternating rounds")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
     rows = [measure(r, c, args.repeat) for r, c in SHAPES]
     names = [k for k in rows[0] if isinstance(rows[0][k], dict)]
     print(f"{'shape':>14} {'dense ms':>9} " + " ".join(f"{n:>17}" for n in names) + "   (time ÷ dense)")

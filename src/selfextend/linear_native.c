@@ -12,6 +12,7 @@
 #define QBLOCK 32    /* weights per scale */
 #define MAX_ROWS 4   /* output rows per register tile */
 #define MAX_TOKENS 2 /* tokens per register tile */
+#define PREFETCH_TILES 2 /* how far ahead the weights are fetched */
 
 typedef float v8f __attribute__((vector_size(32))); /* GCC/Clang vector extensions */
 
@@ -52,10 +53,12 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t x
         for (int j = 0; j < tokens; j++)
             acc[i][j] = (v8f){0};
     const int64_t body = in - in % QBLOCK;
-    const int8_t *ahead = q + (r + rows) * in; /* the next rows, fetched into the cache while these are read */
+    /* the rows two tiles on, fetched into every cache level while these are read (a prefetch past the end is
+       harmless); one tile on with the non-temporal hint, as before, made a decode step's linears 20% slower */
+    const int8_t *ahead = q + (r + PREFETCH_TILES * rows) * in;
     for (int64_t k = 0; k < body; k += QBLOCK) {
         for (int64_t c = 0; c < QBLOCK * rows; c += 64)
-            __builtin_prefetch(ahead + k * rows + c, 0, 0);
+            __builtin_prefetch(ahead + k * rows + c, 0, 3);
         v8f part[MAX_ROWS][MAX_TOKENS];
         for (int c = 0; c < QBLOCK; c += 8) {
             v8f wv[MAX_ROWS];
