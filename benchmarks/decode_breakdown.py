@@ -56,7 +56,7 @@ def _weight_bytes(model) -> int:
     total = 0
     for module in model.modules():
         if isinstance(module, PackedLinear) and module.format == "int8":
-            total += module.rows.numel() + module.scale.numel() * 4  # a byte per weight, a scale per 32
+            total += module.rows.numel() + module.scale.numel() * module.scale.element_size()  # a byte per weight, a scale per 32
         elif isinstance(module, PackedLinear):
             total += module.in_features * module.out_features * 2
         elif isinstance(module, nn.Linear):

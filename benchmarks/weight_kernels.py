@@ -98,7 +98,7 @@ def step_against(before: str, rounds: int) -> dict:
     model = models.load_model(models.resolve(None), weights="int8")
     products = [(m, torch.randn(1, m.in_features), torch.empty(1, m.out_features))
                 for m in model.modules() if isinstance(m, PackedLinear) and m.format == "int8"]
-    weight_bytes = sum(m.rows.numel() + m.scale.numel() * 4 for m, _, _ in products)
+    weight_bytes = sum(m.rows.numel() + m.scale.numel() * m.scale.element_size() for m, _, _ in products)
 
     def step(lib) -> torch.Tensor:
         for m, x, out in products:

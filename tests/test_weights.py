@@ -67,6 +67,27 @@ def test_int8_linear_refuses_inputs_it_cannot_take():
         linear_native.linear(torch.randn(2, 64), Int8Blocks(packed.rows, packed.scale), torch.zeros(7))
 
 
+def test_int8_blocks_hold_a_q8_0_tensor_exactly():
+    """A GGUF's Q8_0 tensor (a float16 scale per 32 weights, codes up to ±127) comes back bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (6, 4, QBLOCK), generator=generator, dtype=torch.int8)
+    codes[:, :, 0] = 127 * torch.randint(0, 2, (6, 4), generator=generator).mul(2).sub(1)  # each block's ±127
+    scale = torch.rand(6, 4, 1, generator=generator).mul(0.1).half()
+    scale[0, 0] = 0  # a block of zeros
+    weight = (codes.float() * scale.float()).view(6, 4 * QBLOCK)
+    blocks = Int8Blocks.quantize(weight)
+    assert torch.equal(blocks.widen(), weight)
+
+
+def test_int8_blocks_keep_tiny_weights_finite_and_refuse_ones_past_float16_scales():
+    for size in (3e-6, 1e-5):  # the blocks' scales, size / 127, round to float16's smallest (1e-5: codes clip)
+        tiny = torch.full((2, QBLOCK), size)
+        held = Int8Blocks.quantize(tiny).widen()
+        assert held.isfinite().all() and (held - tiny).abs().max() < size / 2
+    with pytest.raises(ValueError, match="load these weights dense"):
+        Int8Blocks.quantize(torch.full((1, QBLOCK), 1e7))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_embedding_rows_are_the_stored_rows_times_their_scales(family, fmt):

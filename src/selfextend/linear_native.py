@@ -2,7 +2,7 @@
 
 A decode step is a chain of matrix-vector products that read every weight once, so its speed on a CPU is the
 bytes of weights per token. torch's int8 and int4 weight-only kernels are slower than float32 on AVX2 cores and
-its dynamic int8 rounds the activations too (benchmarks/weight_kernels.py); this reads 1.125 bytes per weight
+its dynamic int8 rounds the activations too (benchmarks/weight_kernels.py); this reads 1.0625 bytes per weight
 and keeps the activations and every sum in float32. Calls of up to `NATIVE_TOKENS` tokens run in C; longer ones
 (prefill, which is compute-bound) widen the weights a slice of rows at a time for torch's matrix product. Built
 on first use with the system's C compiler (`selfextend.native`).
@@ -23,6 +23,8 @@ from .native import load
 SOURCE = Path(__file__).with_name("linear_native.c")
 QBLOCK = 32  # weights per scale, along the input (the C source's QBLOCK)
 NATIVE_TOKENS = 16  # calls of up to this many tokens take the C kernel; longer ones torch's matrix product
+SCALE_LIMIT = 127 * torch.finfo(torch.float16).max  # the largest weight magnitude a float16 scale holds
+SMALLEST_SCALE = 2.0 ** -24  # the smallest float16 (a subnormal): the scale of a block of zeros
 WIDEN_BYTES = 32 << 20  # float32 weights widened at a time for a long call's matrix product
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -38,8 +40,8 @@ def library() -> ctypes.CDLL:
 
 @dataclass(frozen=True)
 class Int8Blocks:
-    """Weights [out, in] as int8 `rows` and float32 `scale` [out, ceil(in / QBLOCK)]: row r, input k weighs
-    scale[r, k // QBLOCK] * rows[r, k]."""
+    """Weights [out, in] as int8 `rows` and float16 `scale` [out, ceil(in / QBLOCK)]: row r, input k weighs
+    scale[r, k // QBLOCK] * rows[r, k] (llama.cpp's Q8_0: a GGUF's Q8_0 tensor is held exactly)."""
 
     rows: torch.Tensor
     scale: torch.Tensor
@@ -47,27 +49,33 @@ class Int8Blocks:
     def __post_init__(self) -> None:
         out_rows, inputs = self.rows.shape
         blocks = -(-inputs // QBLOCK)
-        if self.rows.dtype != torch.int8 or not self.rows.is_contiguous() or self.scale.dtype != torch.float32 \
+        if self.rows.dtype != torch.int8 or not self.rows.is_contiguous() or self.scale.dtype != torch.float16 \
                 or self.scale.shape != (out_rows, blocks) or not self.scale.is_contiguous():
-            raise ValueError(f"int8 blocks: contiguous int8 rows [{out_rows}, {inputs}] and float32 scales "
+            raise ValueError(f"int8 blocks: contiguous int8 rows [{out_rows}, {inputs}] and float16 scales "
                              f"[{out_rows}, {blocks}], got {self.rows.dtype} and {self.scale.dtype} "
                              f"{tuple(self.scale.shape)}")
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, chunk: int = 4096,
                  done: Callable[[torch.Tensor], None] | None = None) -> Int8Blocks:
-        """Symmetric int8 per block of `QBLOCK` inputs, each block on its largest magnitude / 127. In chunks of
-        rows, so a large embedding needs no float copy of itself; `done` is given each chunk of `weight` read."""
+        """Symmetric int8 per block of `QBLOCK` inputs, each block on its largest magnitude / 127 (rounded to
+        float16; the smallest float16 at least, so the tiniest blocks clip at ±127 codes). In chunks of rows, so a
+        large embedding needs no float copy of itself; `done` is given each chunk of `weight` read."""
         out_rows, inputs = weight.shape
         blocks = -(-inputs // QBLOCK)
         rows = torch.empty(weight.shape, dtype=torch.int8)
-        scale = torch.empty(out_rows, blocks)
+        scale = torch.empty(out_rows, blocks, dtype=torch.float16)
         for start in range(0, out_rows, chunk):
             part = weight[start:start + chunk].float()
             padded = torch.nn.functional.pad(part, (0, blocks * QBLOCK - inputs)).view(len(part), blocks, QBLOCK)
-            part_scale = padded.abs().amax(dim=2).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            largest = padded.abs().amax(dim=2)
+            if not bool(largest.le(SCALE_LIMIT).all()):
+                raise ValueError(f"int8 blocks hold weights up to {SCALE_LIMIT:.3g} in magnitude (float16 scales), "
+                                 f"got {float(largest.max()):.3g}: load these weights dense")
+            part_scale = (largest / 127).to(torch.float16).clamp(min=SMALLEST_SCALE)
             scale[start:start + chunk] = part_scale
-            rows[start:start + chunk] = torch.round(padded / part_scale[:, :, None]).view(len(part), -1)[:, :inputs]
+            codes = torch.round(padded / part_scale.float()[:, :, None]).clamp(-127, 127)
+            rows[start:start + chunk] = codes.view(len(part), -1)[:, :inputs]
             if done is not None:
                 done(weight[start:start + chunk])
         return cls(rows, scale)
@@ -75,12 +83,12 @@ class Int8Blocks:
     def widen(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows start:stop as the float32 weights they stand for."""
         part = self.rows[start:stop].float()
-        return part * self.scale[start:stop].repeat_interleave(QBLOCK, dim=1)[:, :part.shape[1]]
+        return part * self.scale[start:stop].float().repeat_interleave(QBLOCK, dim=1)[:, :part.shape[1]]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The float32 rows of `ids` (an embedding's lookup)."""
         rows = self.rows[ids].float()
-        return rows * self.scale[ids].repeat_interleave(QBLOCK, dim=-1)[..., :rows.shape[-1]]
+        return rows * self.scale[ids].float().repeat_interleave(QBLOCK, dim=-1)[..., :rows.shape[-1]]
 
 
 def linear(x: torch.Tensor, weights: Int8Blocks, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ A decode step reads every weight once, so on CPU its speed is set by the bytes o
 expanded to float32 reads 4 bytes per weight. The formats here keep the arithmetic in float32 and store less:
 
 - "float16": weights in half precision (fbgemm's fp16 GEMM; activations stay float32, so nothing overflows);
-- "int8": weights in int8 in blocks of 32 inputs with a float32 scale each (llama.cpp's Q8_0 layout, for the
+- "int8": weights in int8 in blocks of 32 inputs with a float16 scale each (llama.cpp's Q8_0 layout, for the
   weights only), multiplied in float32 by the project's C kernel (`linear_native`); the embedding looks its
   rows up in the same form, and a tied LM head shares them. The RMSNorm layers run in C too (`norm_native`):
   with the weights' bytes cut, a decode step's many small torch operations are the next cost;
