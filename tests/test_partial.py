@@ -65,6 +65,35 @@ def test_a_decode_steps_few_rows_match_the_explicit_form():
                 torch.testing.assert_close(got_lse, expected_lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("second_keys", [0, 1, 37, 3000])
+def test_two_key_sets_in_one_native_call_are_the_softmax_over_both(second_keys):
+    """attend_two: one softmax over two key sets, each with its own query (a decode step's neighbor keys and its
+    grouped keys), as merging the two explicit partials gives; either set may be empty."""
+    from selfextend.attention import few_native
+    from selfextend.attention.merge import merge_states
+
+    torch.manual_seed(3)
+    for n, hq, hkv, m, d in FEW_ROW_CASES:
+        query, key, value, _ = _few_row_inputs(n, hq, hkv, m, d)
+        other, key_2, value_2, _ = _few_row_inputs(n, hq, hkv, second_keys, d)
+        for first, second in (((query, key, value), (other, key_2, value_2)),
+                              ((other, key_2, value_2), (query, key, value))):
+            parts = [_explicit(*part, None) for part in (first, second)]
+            expected = merge_states([o for o, _ in parts], [lse for _, lse in parts])
+            expected_lse = torch.logaddexp(parts[0][1], parts[1][1])
+            got, got_lse = few_native.attend_two(first, second, 0.2)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_lse, expected_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_two_key_sets_refuse_queries_of_different_shapes():
+    from selfextend.attention import few_native
+
+    query, key, value, _ = _few_row_inputs(1, 4, 1, 10, 16)
+    with pytest.raises(ValueError, match="must match"):
+        few_native.attend_two((query, key, value), (query[:, :2], key, value), 0.2)
+
+
 def test_the_native_kernel_reports_rows_that_see_no_key_itself():
     """Output 0 and lse -inf for a row whose mask hides every key, from the kernel alone (no clean-up after)."""
     from selfextend.attention import few_native
@@ -89,7 +118,7 @@ def test_without_a_c_compiler_decode_attention_says_so_and_runs_on_torch(no_c_co
 
 def test_a_decode_step_of_a_selfextend_model_takes_the_native_few_row_path(monkeypatch):
     """The native few-row kernel is what a float32 decode step runs, over its many grouped keys and its few
-    neighbors alike (a quiet fallback to torch's kernels would fail here)."""
+    neighbors in one call (a quiet fallback to torch's kernels, or to two partials, would fail here)."""
     import selfextend
     from selfextend.attention import few_native, partial
     from selfextend.kv_cache import new_cache
@@ -101,12 +130,14 @@ def test_a_decode_step_of_a_selfextend_model_takes_the_native_few_row_path(monke
     cache = new_cache(model.config)
     with torch.inference_mode():
         model(ids, **cache_kwargs(model, cache), use_cache=True)
-        calls, few = [], few_native.attend_few
-        monkeypatch.setattr(few_native, "attend_few", lambda *args: calls.append(args[1].shape[2]) or few(*args))
+        calls, two = [], few_native.attend_two
+        monkeypatch.setattr(few_native, "attend_two",
+                            lambda first, second, scale: calls.append((first[1].shape[2], second[1].shape[2]))
+                            or two(first, second, scale))
         model(ids[:, -1:], **cache_kwargs(model, cache), use_cache=True)
-    # every layer's two partials: its neighbor window (the last 8 keys) and the grouped keys before them
+    # every layer's one call: its neighbor window (the last 8 keys) and the grouped keys before them
     layers, n = model.config.num_hidden_layers, ids.shape[1]
-    assert sorted(calls) == [8] * layers + [n + 1 - 8] * layers
+    assert calls == [(8, n + 1 - 8)] * layers
 
 
 def test_a_forward_pass_works_out_its_sequences_once_per_layout(monkeypatch):

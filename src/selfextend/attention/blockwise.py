@@ -11,8 +11,10 @@ starting at key index a = shift + t0, then take, from the newest key back:
 The CPU kernel costs about as much per pair on a [b, b] causal tile as on a full one, so each of the
 three triangles wastes b²/2 pairs: small sub-blocks keep that small, large blocks keep the big calls
 efficient. Masks cost O(n·b) in all; padding or a cut at the sequence start falls back to masks.
-Memory is O(n·(b + W)) per layer, never n×n. On a CPU whose cores another process holds, the blocks of a call
-run on one single-threaded worker per core (`workers.py`), the costliest first.
+A single query (a decode step) takes its neighbor keys and its grouped rest in one call of the native
+kernel, which merges them itself. Memory is O(n·(b + W)) per layer, never n×n. On a CPU whose cores
+another process holds, the blocks of a call run on one single-threaded worker per core (`workers.py`), the
+costliest first.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from ..rotary import GroupedRotation
 from .layout import Geometry, grouped_key_count
 from .merge import merge_states
-from .partial import attend
+from .partial import attend, attend_merged
 from .workers import run_blocks
 
 DEFAULT_BLOCK = 1024  # queries per block: the CPU kernel tiles queries by 256 from 768 on; tests shrink it
@@ -156,6 +158,13 @@ def _selfextend_block(out, query, key, value, geometry, rotation, key_grouped, n
     grouped, rest = None, None
     if min(n_grouped, rest_end + t1 - t0) > 0:
         query_grouped = rotation(query[:, :, t0:t1], geometry.query_positions[:, t0:t1], "query")
+        if t1 - t0 == 1 and geometry.valid is None:  # one query (a decode step): its two key sets in one call
+            merged = attend_merged((query[:, :, t0:t1], key[:, :, rest_end:rest_end + W],
+                                    value[:, :, rest_end:rest_end + W]),
+                                   (query_grouped, key_grouped[:, :, :rest_end], value[:, :, :rest_end]), scale)
+            if merged is not None:
+                out[:, t0:t1] = merged.transpose(1, 2)
+                return
         grouped = (query_grouped, key_grouped, max(rest_end, 0))
         rest = _partial(query_grouped, key_grouped, value, geometry, t0, 0, rest_end, W, None, scale)
     _attend_block(out, query[:, :, t0:t1], key, value, geometry, t0, W, scale, sub, grouped, rest)

@@ -6,8 +6,9 @@
    heads sharing a KV head, times the n queries, are that head's R rows: each key is read once for all R.
    Work items are (batch, KV head, chunk of keys), chunks small enough that every thread gets work, so one row
    spreads over every thread; a row's chunks are merged by log-sum-exp. out [b, hq, n, d] and lse [b, hq, n]
-   are contiguous; a row that sees no key gets output 0 and lse -inf. Threads are OpenMP's, the runtime torch
-   itself uses. */
+   are contiguous; a row that sees no key gets output 0 and lse -inf. se_attend_two takes two key sets, each with
+   its own queries (a decode step's neighbor keys and its grouped keys), and merges them in the same pass. Threads
+   are OpenMP's, the runtime torch itself uses. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -20,6 +21,7 @@
 #define MIN_CHUNK 64
 #define SUB 16    /* keys whose logits are taken before their values are added (their values stay in L1) */
 #define GROUP 4   /* rows read against each key or value vector at once */
+#define MAX_SEGMENTS 2 /* key sets with their own queries in one call */
 
 typedef struct {
     const float *q, *k, *v;
@@ -154,17 +156,22 @@ static void attend(const Args *A, int64_t b, int64_t h, int64_t lo, int64_t hi, 
     }
 }
 
-/* Attention of every row into out and lse. Returns 0, or -1 if memory ran out. */
-int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const float *k, int64_t kb, int64_t kh,
-                      int64_t km, const float *v, int64_t vb, int64_t vh, int64_t vm, const uint8_t *mask, int64_t mb,
-                      int64_t mn, int64_t mm, float *out, float *lse, int64_t b, int64_t hq, int64_t hkv, int64_t n,
-                      int64_t m, int64_t d, float scale) {
-    const int64_t g = hq / hkv, rows = g * n, padded = (rows + GROUP - 1) / GROUP * GROUP;
-    const Args A = {q, k, v, mask, qb, qh, qn, kb, kh, km, vb, vh, vm, mb, mn, mm, hq, hkv, n, m, d, rows, padded,
-                    scale};
-    int64_t chunk = CHUNK;
-    while (chunk > MIN_CHUNK && b * hkv * ((m + chunk - 1) / chunk) < 2 * omp_get_max_threads()) chunk /= 2;
-    const int64_t chunks = m > 0 ? (m + chunk - 1) / chunk : 1, items = b * hkv * chunks;
+/* Attention of every row over the keys of `count` segments, each with its own queries, keys and values (a
+   decode step's neighbor keys and grouped keys), merged into out and lse. Work items are (batch, KV head,
+   segment, chunk of the segment's keys), a segment without keys one empty item. Returns 0, or -1 if memory ran
+   out. */
+static int64_t attend_segments(const Args *S, int64_t count, float *out, float *lse, int64_t b) {
+    const int64_t hq = S->hq, hkv = S->hkv, n = S->n, d = S->d, g = hq / hkv, rows = S->rows, padded = S->padded;
+    int64_t chunk = CHUNK, keys_chunks;
+    for (;; chunk /= 2) {
+        keys_chunks = 0;
+        for (int64_t i = 0; i < count; i++) keys_chunks += (S[i].m + chunk - 1) / chunk;
+        if (chunk <= MIN_CHUNK || b * hkv * keys_chunks >= 2 * omp_get_max_threads()) break;
+    }
+    int64_t first[MAX_SEGMENTS + 1]; /* segment i's items: first[i]..first[i + 1] - 1 of each (batch, KV head) */
+    first[0] = 0;
+    for (int64_t i = 0; i < count; i++) first[i + 1] = first[i] + (S[i].m > 0 ? (S[i].m + chunk - 1) / chunk : 1);
+    const int64_t chunks = first[count], items = b * hkv * chunks;
     const int64_t state = padded * (2 + d); /* per item: top, total, acc */
     float *states = malloc(items * state * sizeof(float));
     if (!states) return -1;
@@ -172,21 +179,24 @@ int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const 
 #pragma omp parallel reduction(+ : failed)
     {
         float *Q = malloc(padded * (d + SUB) * sizeof(float)), *x = Q ? Q + padded * d : NULL;
-        int64_t last = -1; /* the (batch, KV head) whose rows Q holds */
+        int64_t last = -1; /* the (batch, KV head, segment) whose rows Q holds */
         if (!Q) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
             if (!Q) continue;
-            const int64_t pair = item / chunks, c = item % chunks, bi = pair / hkv, h = pair % hkv;
-            if (pair != last) {
+            const int64_t pair = item / chunks, j = item % chunks, bi = pair / hkv, h = pair % hkv;
+            int64_t i = 0;
+            while (j >= first[i + 1]) i++;
+            const Args *A = S + i;
+            if (pair * count + i != last) {
                 memset(Q, 0, padded * d * sizeof(float));
                 for (int64_t r = 0; r < rows; r++)
-                    memcpy(Q + r * d, q + bi * qb + (h * g + r / n) * qh + (r % n) * qn, d * sizeof(float));
-                last = pair;
+                    memcpy(Q + r * d, A->q + bi * A->qb + (h * g + r / n) * A->qh + (r % n) * A->qn, d * sizeof(float));
+                last = pair * count + i;
             }
-            float *s = states + item * state;
-            const int64_t lo = c * chunk, hi = lo + chunk < m ? lo + chunk : m;
-            attend(&A, bi, h, lo, hi, Q, x, s, s + padded, s + 2 * padded);
+            float *st = states + item * state;
+            const int64_t lo = (j - first[i]) * chunk, hi = lo + chunk < A->m ? lo + chunk : A->m;
+            attend(A, bi, h, lo, hi, Q, x, st, st + padded, st + 2 * padded);
         }
         free(Q);
     }
@@ -194,7 +204,7 @@ int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const 
         free(states);
         return -1;
     }
-    /* merge each row's chunks by log-sum-exp */
+    /* merge each row's items by log-sum-exp */
 #pragma omp parallel for schedule(static)
     for (int64_t pair = 0; pair < b * hkv; pair++) {
         const int64_t bi = pair / hkv, h = pair % hkv;
@@ -211,11 +221,11 @@ int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const 
                 continue;
             }
             for (int64_t c = 0; c < chunks; c++) {
-                const float *s = states + (pair * chunks + c) * state;
-                if (s[r] == -INFINITY) continue;
-                const float w = exp_one(s[r] - peak);
-                sum += s[padded + r] * w;
-                for (int64_t i = 0; i < d; i++) o[i] += s[2 * padded + r * d + i] * w;
+                const float *st = states + (pair * chunks + c) * state;
+                if (st[r] == -INFINITY) continue;
+                const float w = exp_one(st[r] - peak);
+                sum += st[padded + r] * w;
+                for (int64_t i = 0; i < d; i++) o[i] += st[2 * padded + r * d + i] * w;
             }
             for (int64_t i = 0; i < d; i++) o[i] /= sum;
             lse[row] = peak + logf(sum);
@@ -223,4 +233,30 @@ int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const 
     }
     free(states);
     return 0;
+}
+
+/* Attention of every row into out and lse. Returns 0, or -1 if memory ran out. */
+int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const float *k, int64_t kb, int64_t kh,
+                      int64_t km, const float *v, int64_t vb, int64_t vh, int64_t vm, const uint8_t *mask, int64_t mb,
+                      int64_t mn, int64_t mm, float *out, float *lse, int64_t b, int64_t hq, int64_t hkv, int64_t n,
+                      int64_t m, int64_t d, float scale) {
+    const int64_t rows = hq / hkv * n, padded = (rows + GROUP - 1) / GROUP * GROUP;
+    const Args A = {q, k, v, mask, qb, qh, qn, kb, kh, km, vb, vh, vm, mb, mn, mm, hq, hkv, n, m, d, rows, padded,
+                    scale};
+    return attend_segments(&A, 1, out, lse, b);
+}
+
+/* Attention of every row over two key sets without a mask, each with its own queries (strides as se_attend_few's;
+   the second's after `_2`): one softmax over both, as merging their two partials would give. */
+int64_t se_attend_two(const float *q, int64_t qb, int64_t qh, int64_t qn, const float *k, int64_t kb, int64_t kh,
+                      int64_t km, const float *v, int64_t vb, int64_t vh, int64_t vm, int64_t m, const float *q_2,
+                      int64_t qb_2, int64_t qh_2, int64_t qn_2, const float *k_2, int64_t kb_2, int64_t kh_2,
+                      int64_t km_2, const float *v_2, int64_t vb_2, int64_t vh_2, int64_t vm_2, int64_t m_2,
+                      float *out, float *lse, int64_t b, int64_t hq, int64_t hkv, int64_t n, int64_t d, float scale) {
+    const int64_t rows = hq / hkv * n, padded = (rows + GROUP - 1) / GROUP * GROUP;
+    const Args S[2] = {{q, k, v, NULL, qb, qh, qn, kb, kh, km, vb, vh, vm, 0, 0, 0, hq, hkv, n, m, d, rows, padded,
+                        scale},
+                       {q_2, k_2, v_2, NULL, qb_2, qh_2, qn_2, kb_2, kh_2, km_2, vb_2, vh_2, vm_2, 0, 0, 0, hq, hkv, n,
+                        m_2, d, rows, padded, scale}};
+    return attend_segments(S, 2, out, lse, b);
 }

@@ -31,6 +31,9 @@ def library() -> ctypes.CDLL:
     lib.se_attend_few.restype = _I
     lib.se_attend_few.argtypes = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _P,
                                   _I, _I, _I, _I, _I, _I, ctypes.c_float]
+    segment = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _I]  # query, key, value with strides; key count
+    lib.se_attend_two.restype = _I
+    lib.se_attend_two.argtypes = [*segment, *segment, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float]
     return lib
 
 
@@ -53,14 +56,8 @@ def attend_few(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     mask bool broadcastable to [b, 1, n, m]. Returns (output [b, hq, n, d], lse [b, hq, n]); a row that sees
     no key gets output 0 and lse -inf."""
     b, hq, n, d = query.shape
-    hkv, m = key.shape[1], key.shape[2]
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise ValueError(f"the native decode kernel takes {name} as float32 on CPU, not {x.dtype} on {x.device}")
-    if key.shape != (b, hkv, m, d) or value.shape != key.shape or hq % hkv:
-        raise ValueError(f"query {tuple(query.shape)} and key/value {tuple(key.shape)}/{tuple(value.shape)} do not "
-                         f"fit [b, hq, n, d] and [b, hkv, m, d] with hkv dividing hq")
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    query, key, value = _checked(query, key, value)
+    m = key.shape[2]
     mask_strides = (0, 0, 0)
     if mask is not None:
         if mask.dtype != torch.bool:
@@ -74,10 +71,45 @@ def attend_few(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
         key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
         value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
         mask.data_ptr() if mask is not None else None, *mask_strides,
-        out.data_ptr(), lse.data_ptr(), b, hq, hkv, n, m, d, scale)
+        out.data_ptr(), lse.data_ptr(), b, hq, key.shape[1], n, m, d, scale)
     if done != 0:
         raise MemoryError("the native decode kernel ran out of memory for its per-chunk states")
     return out, lse
+
+
+def attend_two(first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               second: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over two key sets, each (query, key, value) as `attend_few` takes them with the same shapes but
+    the number of keys: what merging their two partials gives, in one call (a decode step's neighbor keys and
+    its grouped keys). Returns (output [b, hq, n, d], lse [b, hq, n])."""
+    b, hq, n, d = first[0].shape
+    if second[0].shape != first[0].shape or second[1].shape[:2] != first[1].shape[:2]:
+        raise ValueError(f"the two key sets' queries {tuple(first[0].shape)}/{tuple(second[0].shape)} and key heads "
+                         f"{tuple(first[1].shape[:2])}/{tuple(second[1].shape[:2])} must match")
+    segments = [_checked(*part) for part in (first, second)]
+    out = first[0].new_empty(b, hq, n, d)
+    lse = first[0].new_empty(b, hq, n)
+    args = []
+    for query, key, value in segments:
+        args += [query.data_ptr(), *query.stride()[:3], key.data_ptr(), *key.stride()[:3], value.data_ptr(),
+                 *value.stride()[:3], key.shape[2]]
+    done = library().se_attend_two(*args, out.data_ptr(), lse.data_ptr(), b, hq, first[1].shape[1], n, d, scale)
+    if done != 0:
+        raise MemoryError("the native decode kernel ran out of memory for its per-chunk states")
+    return out, lse
+
+
+def _checked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """query, key, value as the kernel reads them (unit-stride heads), or ValueError saying what does not fit."""
+    b, hq, n, d = query.shape
+    hkv, m = key.shape[1], key.shape[2]
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"the native decode kernel takes {name} as float32 on CPU, not {x.dtype} on {x.device}")
+    if key.shape != (b, hkv, m, d) or value.shape != key.shape or hq % hkv:
+        raise ValueError(f"query {tuple(query.shape)} and key/value {tuple(key.shape)}/{tuple(value.shape)} do not "
+                         f"fit [b, hq, n, d] and [b, hkv, m, d] with hkv dividing hq")
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
 
 
 @torch.library.custom_op("selfextend::attend_few", mutates_args=())
@@ -89,5 +121,18 @@ def attend_few_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
 
 @attend_few_op.register_fake
 def _(query, key, value, mask, scale):
+    b, hq, n, d = query.shape
+    return query.new_empty(b, hq, n, d), query.new_empty(b, hq, n)
+
+
+@torch.library.custom_op("selfextend::attend_two", mutates_args=())
+def attend_two_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_2: torch.Tensor,
+                  key_2: torch.Tensor, value_2: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend_two` as a torch operator, so a compiled model calls it without breaking its graph."""
+    return attend_two((query, key, value), (query_2, key_2, value_2), scale)
+
+
+@attend_two_op.register_fake
+def _(query, key, value, query_2, key_2, value_2, scale):
     b, hq, n, d = query.shape
     return query.new_empty(b, hq, n, d), query.new_empty(b, hq, n)

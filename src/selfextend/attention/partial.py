@@ -40,6 +40,21 @@ def attend(
     return _no_key_rows(*_attend_math(query, key, value, mask, scale), mask)
 
 
+def attend_merged(first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                  second: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor | None:
+    """Softmax attention over two unmasked key sets, each (query, key, value) with its own query: the merge of
+    their two `attend` partials, in one call of the native kernel where it takes them (a decode step's rows,
+    float32 on CPU, no autograd). Returns the output [b, hq, n, d], or None where the kernel does not run (the
+    caller then merges two partials)."""
+    query, key = first[0], first[1]
+    if query.device.type != "cpu" or query.dtype != torch.float32 or needs_grad(*first, *second) \
+            or query.shape[1] // key.shape[1] * query.shape[2] > FEW_ROWS or not few_native.available():
+        return None
+    if torch.compiler.is_compiling():
+        return few_native.attend_two_op(*first, *second, scale)[0]
+    return few_native.attend_two(first, second, scale)[0]
+
+
 FEW_ROWS = 16  # query rows per key/value head (a decode step's heads) up to which the few-row paths run:
 # the native kernel (float32, any number of keys), else torch's _attend_few over more keys than FEW_KEYS;
 FEW_KEYS = 2048  # over fewer, the flash kernel's one call costs less than _attend_few's dozen (a sliding
