@@ -16,6 +16,12 @@ depths on the same GGUF, given `--llama-bench`, is the anchor the ratios are tak
 
     python benchmarks/decode_breakdown.py --llama-bench /tmp/llamacpp/.../build/bin/llama-bench
     python benchmarks/decode_breakdown.py --formats dense,int8 --lengths 16384 --json out.json
+
+With `--before CHECKOUT` (an older checkout's folder, e.g. a `git worktree`), each format runs `--rounds` times
+with that checkout's selfextend and with this one's, alternately, and the median decode speeds are compared:
+this machine's speed can move by tens of percent within minutes, more than one change saves.
+
+    python benchmarks/decode_breakdown.py --formats int8 --methods selfextend --before /tmp/before --rounds 5
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def _weight_bytes(model) -> int:
     total = 0
     for module in model.modules():
         if isinstance(module, PackedLinear) and module.format == "int8":
-            total += module.rows.numel() + module.scale.numel() * module.scale.element_size()  # a byte per weight, a scale per 32
+            total += module.rows.numel() + module.scale.numel() * module.scale.element_size()  # a scale per 32
         elif isinstance(module, PackedLinear):
             total += module.in_features * module.out_features * 2
         elif isinstance(module, nn.Linear):
@@ -180,6 +186,32 @@ def llama_bench(binary: str, gguf: str, lengths: list[int], threads: int) -> dic
     return {int(row["n_depth"]): float(row["avg_ts"]) for row in json.loads(done.stdout)}
 
 
+def compare(args) -> None:
+    """Median decode tok/s of each (format, length, method) with `args.before`'s selfextend and this one's, in
+    alternating rounds of fresh processes."""
+    rows: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: {"before": [], "this": []})
+    for fmt in args.formats.split(","):
+        argv = ["--one", fmt, "--lengths", args.lengths, "--methods", args.methods, "--steps", str(args.steps)]
+        argv += ["--model", args.model] if args.model else []
+        for _ in range(args.rounds):
+            for side, before in (("before", args.before), ("this", None)):
+                for row in in_fresh_process(__file__, argv, before)["rows"]:
+                    rows[(fmt, row["tokens"], row["method"])][side].append(row["tok_s"])
+    print(f"{'format':8} {'tokens':>6} {'method':10} {'before tok/s':>12} {'this tok/s':>10} {'x':>5}  (medians of "
+          f"{args.rounds} alternating rounds)")
+    table = []
+    for (fmt, n, method), sides in rows.items():
+        before, this = statistics.median(sides["before"]), statistics.median(sides["this"])
+        table.append({"format": fmt, "tokens": n, "method": method, "before_tok_s": sides["before"],
+                      "this_tok_s": sides["this"], "ratio_of_medians": this / before})
+        print(f"{fmt:8} {n:>6} {method:10} {before:12.1f} {this:10.1f} {this / before:5.2f}   "
+              f"before {' '.join(f'{x:.1f}' for x in sides['before'])}; "
+              f"this {' '.join(f'{x:.1f}' for x in sides['this'])}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"before": args.before, "rounds": args.rounds, "rows": table}, out, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a named model (default: the embedded Gemma 3 270M)")
@@ -190,6 +222,8 @@ def main() -> None:
     parser.add_argument("--llama-bench", help="path to llama.cpp's llama-bench: adds its decode speed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write all rows here")
+    parser.add_argument("--before", metavar="CHECKOUT", help="compare with an older checkout, rounds alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each side for --before")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,6 +235,9 @@ def main() -> None:
         print(json.dumps(measure(args.one, lengths, methods, args.steps, args.model)))
         return
 
+    if args.before:
+        compare(args)
+        return
     gb_s = in_fresh_process(__file__, ["--bandwidth"])["gb_s"]
     anchor = {}
     if args.llama_bench:

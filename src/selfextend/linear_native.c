@@ -75,7 +75,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t x
             acc[i][j] = (v8f){0};
     const int64_t body = in - in % QBLOCK;
     /* the rows two tiles on, fetched into every cache level while these are read (a prefetch past the end is
-       harmless); one tile on with the non-temporal hint, as before, made a decode step's linears 20% slower */
+       harmless); one tile on with the non-temporal hint, as before, made a decode step's products 10-15% slower */
     const int8_t *ahead = q + (r + PREFETCH_TILES * rows) * in;
     for (int64_t k = 0; k < body; k += QBLOCK) {
         for (int64_t c = 0; c < QBLOCK * rows; c += 64)

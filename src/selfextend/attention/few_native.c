@@ -191,7 +191,8 @@ static int64_t attend_segments(const Args *S, int64_t count, float *out, float *
             if (pair * count + i != last) {
                 memset(Q, 0, padded * d * sizeof(float));
                 for (int64_t r = 0; r < rows; r++)
-                    memcpy(Q + r * d, A->q + bi * A->qb + (h * g + r / n) * A->qh + (r % n) * A->qn, d * sizeof(float));
+                    memcpy(Q + r * d, A->q + bi * A->qb + (h * g + r / n) * A->qh + (r % n) * A->qn,
+                           d * sizeof(float));
                 last = pair * count + i;
             }
             float *st = states + item * state;

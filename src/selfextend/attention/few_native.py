@@ -22,6 +22,7 @@ from ..native import load
 
 SOURCE = Path(__file__).with_name("few_native.c")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a key set: its query, keys and values
 
 
 @cache
@@ -77,8 +78,7 @@ def attend_few(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     return out, lse
 
 
-def attend_two(first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-               second: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_two(first: Triple, second: Triple, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One softmax over two key sets, each (query, key, value) as `attend_few` takes them with the same shapes but
     the number of keys: what merging their two partials gives, in one call (a decode step's neighbor keys and
     its grouped keys). Returns (output [b, hq, n, d], lse [b, hq, n])."""
