@@ -53,7 +53,7 @@ def _seconds(call) -> float:
     return time.perf_counter() - start
 
 
-def _weight_bytes(model) -> int:
+def weight_bytes(model) -> int:
     """Bytes of linear weights one decode step reads (each PackedLinear's stored form, or the float tensor)."""
     from torch import nn
 
@@ -174,7 +174,7 @@ def measure(fmt: str, lengths: list[int], methods: list[str], steps: int, model_
             rows.append({"format": fmt, "tokens": n, "method": method, "settings": settings, "step_ms": step_ms,
                          "tok_s": 1e3 / step_ms, **{f"{k}_ms": v for k, v in parts.items()},
                          "other_ms": timed_ms - sum(parts.values()), "timed_step_ms": timed_ms})
-    return {"format": fmt, "weight_bytes": _weight_bytes(model), "rows": rows,
+    return {"format": fmt, "weight_bytes": weight_bytes(model), "rows": rows,
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -89,6 +89,7 @@ def step_against(before: str, rounds: int) -> dict:
     """Median ms of one decode step's int8 products with this kernel and `before`'s, alternating rounds."""
     import statistics
 
+    from decode_breakdown import weight_bytes
     from selfextend import models, native
     from selfextend.weights import PackedLinear
 
@@ -98,7 +99,6 @@ def step_against(before: str, rounds: int) -> dict:
     model = models.load_model(models.resolve(None), weights="int8")
     products = [(m, torch.randn(1, m.in_features), torch.empty(1, m.out_features))
                 for m in model.modules() if isinstance(m, PackedLinear) and m.format == "int8"]
-    weight_bytes = sum(m.rows.numel() + m.scale.numel() * m.scale.element_size() for m, _, _ in products)
 
     def step(lib) -> torch.Tensor:
         for m, x, out in products:
@@ -115,7 +115,7 @@ def step_against(before: str, rounds: int) -> dict:
             step(lib)
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    return {"products": len(products), "weight_mb": weight_bytes / 1e6, "rounds": rounds,
+    return {"products": len(products), "weight_mb": weight_bytes(model) / 1e6, "rounds": rounds,
             "median_ms": medians, "ratio": medians["this checkout"] / medians["before"]}
 
 

@@ -40,8 +40,7 @@ def attend(
     return _no_key_rows(*_attend_math(query, key, value, mask, scale), mask)
 
 
-def attend_merged(first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                  second: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor | None:
+def attend_merged(first: few_native.Triple, second: few_native.Triple, scale: float) -> torch.Tensor | None:
     """Softmax attention over two unmasked key sets, each (query, key, value) with its own query: the merge of
     their two `attend` partials, in one call of the native kernel where it takes them (a decode step's rows,
     float32 on CPU, no autograd). Returns the output [b, hq, n, d], or None where the kernel does not run (the
