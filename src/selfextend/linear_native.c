@@ -10,12 +10,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "half.h"
+
 #define QBLOCK 32    /* weights per scale */
 #define MAX_ROWS 4   /* output rows per register tile */
 #define MAX_TOKENS 2 /* tokens per register tile */
 #define PREFETCH_TILES 2 /* how far ahead the weights are fetched */
-
-typedef float v8f __attribute__((vector_size(32))); /* GCC/Clang vector extensions */
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -29,26 +29,6 @@ static inline v8f widen8(const int8_t *p) {
     for (int i = 0; i < 8; i++)
         v[i] = p[i];
     return v;
-}
-#endif
-
-/* a float16 scale (IEEE half bits) as float32, exactly: one instruction with F16C or on Arm */
-#if defined(__F16C__)
-#include <immintrin.h>
-static inline float widen_scale(uint16_t h) { return _cvtsh_ss(h); }
-#elif defined(__ARM_FP16_FORMAT_IEEE)
-static inline float widen_scale(uint16_t h) {
-    __fp16 v;
-    memcpy(&v, &h, sizeof v);
-    return v;
-}
-#else
-static inline float widen_scale(uint16_t h) {
-    const int exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-    const float magnitude = exponent == 0    ? ldexpf((float)mantissa, -24) /* zero and subnormals */
-                            : exponent == 31 ? (mantissa ? NAN : INFINITY)
-                                             : ldexpf((float)(mantissa | 0x400), exponent - 25);
-    return h & 0x8000 ? -magnitude : magnitude;
 }
 #endif
 
@@ -92,7 +72,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t x
             }
         }
         for (int i = 0; i < rows; i++) {
-            const float sc = widen_scale(scale[(r + i) * blocks + k / QBLOCK]);
+            const float sc = widen_half(scale[(r + i) * blocks + k / QBLOCK]);
             for (int j = 0; j < tokens; j++)
                 acc[i][j] += part[i][j] * sc;
         }
@@ -103,7 +83,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t x
             for (int64_t k = body; k < in; k++)
                 tail += (float)q[(r + i) * in + k] * x[(t + j) * xs + k];
             if (body < in)
-                s += tail * widen_scale(scale[(r + i) * blocks + blocks - 1]);
+                s += tail * widen_half(scale[(r + i) * blocks + blocks - 1]);
             out[(t + j) * os + r + i] = bias ? s + bias[r + i] : s;
         }
 }

@@ -39,8 +39,13 @@ def _cpu_flags() -> str:
 
 
 def _local_headers(source: Path) -> list[Path]:
-    """The headers `source` includes by `#include "name"`, beside it: part of what the library is built from."""
-    return [source.with_name(name) for name in re.findall(r'^#include "([^"]+)"', source.read_text(), re.M)]
+    """The headers `source` includes by `#include "path"` (relative to it), and theirs: part of what the library
+    is built from."""
+    found: list[Path] = []
+    for name in re.findall(r'^#include "([^"]+)"', source.read_text(), re.M):
+        header = (source.parent / name).resolve()
+        found += [header, *(h for h in _local_headers(header) if h not in found)]
+    return found
 
 
 @cache

@@ -6,7 +6,9 @@
    heads sharing a KV head, times the n queries, are that head's R rows: each key is read once for all R.
    Work items are (batch, KV head, chunk of keys), chunks small enough that every thread gets work, so one row
    spreads over every thread; a row's chunks are merged by log-sum-exp. out [b, hq, n, d] and lse [b, hq, n]
-   are contiguous; a row that sees no key gets output 0 and lse -inf. se_attend_two takes two key sets, each with
+   are contiguous; a row that sees no key gets output 0 and lse -inf. Keys and values may be float16 (a float16 KV
+   cache): each is widened to float32 (exactly) as it is loaded, before the same float32 arithmetic, so the result
+   is bit for bit that of the widened cache, for half the bytes. se_attend_two takes two key sets, each with
    its own queries (a decode step's neighbor keys and its grouped keys), and merges them in the same pass. Threads
    are OpenMP's, the runtime torch itself uses. */
 #include <math.h>
@@ -15,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../half.h"
 #include "native_exp.h"
 
 #define CHUNK 512 /* keys per work item, halved (down to MIN_CHUNK) until every thread has two */
@@ -24,10 +27,11 @@
 #define MAX_SEGMENTS 2 /* key sets with their own queries in one call */
 
 typedef struct {
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v; /* float32, or float16 bits where `half` */
     const uint8_t *mask;
     int64_t qb, qh, qn, kb, kh, km, vb, vh, vm, mb, mn, mm;
-    int64_t hq, hkv, n, m, d, rows, padded;
+    int64_t hq, hkv, n, m, d, rows, padded, half;
     float scale;
 } Args;
 
@@ -49,20 +53,36 @@ static inline v8f max8(v8f a, v8f b) {
 /* e where the logit x was a key's (e^-87 where x is -inf would add a hidden key's value, however little) */
 static inline v8f seen(v8f x, v8f e) { return (v8f)((v8i)e & ~(x == -INFINITY)); }
 
+/* eight keys' or values' entries from element i of row `p`, float32 or (`half`) float16 widened exactly */
+static inline __attribute__((always_inline)) v8f load_kv(const void *p, int64_t i, const int half) {
+    return half ? widen_half8((const uint16_t *)p + i) : load8((const float *)p + i);
+}
+
+static inline __attribute__((always_inline)) float kv_at(const void *p, int64_t i, const int half) {
+    return half ? widen_half(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline __attribute__((always_inline)) const void *kv_row(const void *p, int64_t row, int64_t stride,
+                                                                 const int half) {
+    return (const char *)p + row * stride * (half ? 2 : 4);
+}
+
 /* logits x[r][s] = scale · Q[r] · k_(j0 + s) for the padded rows Q [padded][d] and `count` keys; -inf where the
    mask hides the pair and past `count`. The keys' values are prefetched meanwhile: add_values reads them a
    column strip at a time, which the hardware prefetcher does not follow. */
-static void take_logits(const Args *A, const float *Q, const float *K, const float *V, int64_t b, int64_t j0,
-                        int64_t count, float *x) {
-    const int64_t d = A->d, body = d - d % 8;
+static inline __attribute__((always_inline)) void take_logits(const Args *A, const float *Q, const void *K,
+                                                              const void *V, int64_t b, int64_t j0, int64_t count,
+                                                              float *x, const int half) {
+    const int64_t d = A->d, body = d - d % 8, row_bytes = d * (half ? 2 : 4);
     for (int64_t s = 0; s < count; s++) {
-        const float *key = K + (j0 + s) * A->km, *value = V + (j0 + s) * A->vm;
-        for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(value + c); /* read by add_values next */
+        const void *key = kv_row(K, j0 + s, A->km, half);
+        const char *value = kv_row(V, j0 + s, A->vm, half);
+        for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(value + c); /* read by add_values next */
         for (int64_t r0 = 0; r0 < A->padded; r0 += GROUP) {
             const float *q = Q + r0 * d;
             v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
             for (int64_t c = 0; c < body; c += 8) {
-                const v8f kv = load8(key + c);
+                const v8f kv = load_kv(key, c, half);
                 a0 += load8(q + c) * kv;
                 a1 += load8(q + d + c) * kv;
                 a2 += load8(q + 2 * d + c) * kv;
@@ -70,7 +90,7 @@ static void take_logits(const Args *A, const float *Q, const float *K, const flo
             }
             float t[GROUP] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
             for (int64_t c = body; c < d; c++)
-                for (int g = 0; g < GROUP; g++) t[g] += q[g * d + c] * key[c];
+                for (int g = 0; g < GROUP; g++) t[g] += q[g * d + c] * kv_at(key, c, half);
             for (int g = 0; g < GROUP; g++) x[(r0 + g) * SUB + s] = t[g] * A->scale;
         }
     }
@@ -85,7 +105,8 @@ static void take_logits(const Args *A, const float *Q, const float *K, const flo
 }
 
 /* acc[r] += sum_s p[r][s] · v_(j0 + s) for the padded rows, GROUP rows × 16 dimensions held in registers */
-static void add_values(const Args *A, const float *p, const float *V, int64_t j0, int64_t count, float *acc) {
+static inline __attribute__((always_inline)) void add_values(const Args *A, const float *p, const void *V,
+                                                             int64_t j0, int64_t count, float *acc, const int half) {
     const int64_t d = A->d, body = d - d % 16;
     for (int64_t r0 = 0; r0 < A->padded; r0 += GROUP) {
         float *o = acc + r0 * d;
@@ -97,8 +118,8 @@ static void add_values(const Args *A, const float *p, const float *V, int64_t j0
                 a[g][1] = load8(o + g * d + c + 8);
             }
             for (int64_t s = 0; s < count; s++) {
-                const float *value = V + (j0 + s) * A->vm + c;
-                const v8f v0 = load8(value), v1 = load8(value + 8);
+                const void *value = kv_row(V, j0 + s, A->vm, half);
+                const v8f v0 = load_kv(value, c, half), v1 = load_kv(value, c + 8, half);
                 for (int g = 0; g < GROUP; g++) {
                     a[g][0] += w[g * SUB + s] * v0;
                     a[g][1] += w[g * SUB + s] * v1;
@@ -111,16 +132,18 @@ static void add_values(const Args *A, const float *p, const float *V, int64_t j0
         }
         for (int64_t c = body; c < d; c++)
             for (int g = 0; g < GROUP; g++)
-                for (int64_t s = 0; s < count; s++) o[g * d + c] += w[g * SUB + s] * V[(j0 + s) * A->vm + c];
+                for (int64_t s = 0; s < count; s++)
+                    o[g * d + c] += w[g * SUB + s] * kv_at(kv_row(V, j0 + s, A->vm, half), c, half);
     }
 }
 
 /* One item: its rows' unnormalized softmax state over keys [lo, hi): max top[r], sum total[r], acc[r][d]. Q is
-   the padded rows' copy, x scratch for SUB logits per padded row. */
-static void attend(const Args *A, int64_t b, int64_t h, int64_t lo, int64_t hi, const float *Q, float *x,
-                   float *top, float *total, float *acc) {
+   the padded rows' copy, x scratch for SUB logits per padded row. Inlined twice: float32 and float16 keys. */
+static inline __attribute__((always_inline)) void attend_as(const Args *A, int64_t b, int64_t h, int64_t lo,
+                                                            int64_t hi, const float *Q, float *x, float *top,
+                                                            float *total, float *acc, const int half) {
     const int64_t d = A->d;
-    const float *K = A->k + b * A->kb + h * A->kh, *V = A->v + b * A->vb + h * A->vh;
+    const void *K = kv_row(A->k, b * A->kb + h * A->kh, 1, half), *V = kv_row(A->v, b * A->vb + h * A->vh, 1, half);
     for (int64_t r = 0; r < A->padded; r++) {
         top[r] = -INFINITY;
         total[r] = 0.0f;
@@ -128,7 +151,7 @@ static void attend(const Args *A, int64_t b, int64_t h, int64_t lo, int64_t hi, 
     memset(acc, 0, A->padded * d * sizeof(float));
     for (int64_t j0 = lo; j0 < hi; j0 += SUB) {
         const int64_t count = hi - j0 < SUB ? hi - j0 : SUB;
-        take_logits(A, Q, K, V, b, j0, count, x);
+        take_logits(A, Q, K, V, b, j0, count, x, half);
         for (int64_t r = 0; r < A->padded; r++) {
             float *p = x + r * SUB;
             const v8f p0 = load8(p), p1 = load8(p + 8);
@@ -152,8 +175,16 @@ static void attend(const Args *A, int64_t b, int64_t h, int64_t lo, int64_t hi, 
             store8(p + 8, e1);
             total[r] += sum8(e0 + e1);
         }
-        add_values(A, x, V, j0, count, acc);
+        add_values(A, x, V, j0, count, acc, half);
     }
+}
+
+static void attend(const Args *A, int64_t b, int64_t h, int64_t lo, int64_t hi, const float *Q, float *x, float *top,
+                   float *total, float *acc) {
+    if (A->half)
+        attend_as(A, b, h, lo, hi, Q, x, top, total, acc, 1);
+    else
+        attend_as(A, b, h, lo, hi, Q, x, top, total, acc, 0);
 }
 
 /* Attention of every row over the keys of `count` segments, each with its own queries, keys and values (a
@@ -236,28 +267,31 @@ static int64_t attend_segments(const Args *S, int64_t count, float *out, float *
     return 0;
 }
 
-/* Attention of every row into out and lse. Returns 0, or -1 if memory ran out. */
-int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const float *k, int64_t kb, int64_t kh,
-                      int64_t km, const float *v, int64_t vb, int64_t vh, int64_t vm, const uint8_t *mask, int64_t mb,
+/* Attention of every row into out and lse (keys and values float16 where `half`). Returns 0, or -1 if memory ran
+   out. */
+int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const void *k, int64_t kb, int64_t kh,
+                      int64_t km, const void *v, int64_t vb, int64_t vh, int64_t vm, const uint8_t *mask, int64_t mb,
                       int64_t mn, int64_t mm, float *out, float *lse, int64_t b, int64_t hq, int64_t hkv, int64_t n,
-                      int64_t m, int64_t d, float scale) {
+                      int64_t m, int64_t d, int64_t half, float scale) {
     const int64_t rows = hq / hkv * n, padded = (rows + GROUP - 1) / GROUP * GROUP;
     const Args A = {q, k, v, mask, qb, qh, qn, kb, kh, km, vb, vh, vm, mb, mn, mm, hq, hkv, n, m, d, rows, padded,
-                    scale};
+                    half, scale};
     return attend_segments(&A, 1, out, lse, b);
 }
 
 /* Attention of every row over two key sets without a mask, each with its own queries (strides as se_attend_few's;
-   the second's after `_2`): one softmax over both, as merging their two partials would give. */
-int64_t se_attend_two(const float *q, int64_t qb, int64_t qh, int64_t qn, const float *k, int64_t kb, int64_t kh,
-                      int64_t km, const float *v, int64_t vb, int64_t vh, int64_t vm, int64_t m, const float *q_2,
-                      int64_t qb_2, int64_t qh_2, int64_t qn_2, const float *k_2, int64_t kb_2, int64_t kh_2,
-                      int64_t km_2, const float *v_2, int64_t vb_2, int64_t vh_2, int64_t vm_2, int64_t m_2,
-                      float *out, float *lse, int64_t b, int64_t hq, int64_t hkv, int64_t n, int64_t d, float scale) {
+   the second's after `_2`; both sets' keys and values float16 where `half`): one softmax over both, as merging
+   their two partials would give. */
+int64_t se_attend_two(const float *q, int64_t qb, int64_t qh, int64_t qn, const void *k, int64_t kb, int64_t kh,
+                      int64_t km, const void *v, int64_t vb, int64_t vh, int64_t vm, int64_t m, const float *q_2,
+                      int64_t qb_2, int64_t qh_2, int64_t qn_2, const void *k_2, int64_t kb_2, int64_t kh_2,
+                      int64_t km_2, const void *v_2, int64_t vb_2, int64_t vh_2, int64_t vm_2, int64_t m_2,
+                      float *out, float *lse, int64_t b, int64_t hq, int64_t hkv, int64_t n, int64_t d, int64_t half,
+                      float scale) {
     const int64_t rows = hq / hkv * n, padded = (rows + GROUP - 1) / GROUP * GROUP;
     const Args S[2] = {{q, k, v, NULL, qb, qh, qn, kb, kh, km, vb, vh, vm, 0, 0, 0, hq, hkv, n, m, d, rows, padded,
-                        scale},
+                        half, scale},
                        {q_2, k_2, v_2, NULL, qb_2, qh_2, qn_2, kb_2, kh_2, km_2, vb_2, vh_2, vm_2, 0, 0, 0, hq, hkv, n,
-                        m_2, d, rows, padded, scale}};
+                        m_2, d, rows, padded, half, scale}};
     return attend_segments(S, 2, out, lse, b);
 }

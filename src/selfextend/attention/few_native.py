@@ -31,10 +31,10 @@ def library() -> ctypes.CDLL:
     lib = load(SOURCE)
     lib.se_attend_few.restype = _I
     lib.se_attend_few.argtypes = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _P,
-                                  _I, _I, _I, _I, _I, _I, ctypes.c_float]
+                                  _I, _I, _I, _I, _I, _I, _I, ctypes.c_float]
     segment = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _I]  # query, key, value with strides; key count
     lib.se_attend_two.restype = _I
-    lib.se_attend_two.argtypes = [*segment, *segment, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float]
+    lib.se_attend_two.argtypes = [*segment, *segment, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float]
     return lib
 
 
@@ -53,8 +53,8 @@ def available() -> bool:
 
 def attend_few(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `partial.attend` without causality: query [b, hq, n, d] over key/value [b, hkv, m, d], float32 on CPU,
-    mask bool broadcastable to [b, 1, n, m]. Returns (output [b, hq, n, d], lse [b, hq, n]); a row that sees
+    """As `partial.attend` without causality: query [b, hq, n, d] over key/value [b, hkv, m, d] on CPU, the query
+    float32, keys and values float32 or float16 (read as their exact float32 values), mask bool broadcastable to [b, 1, n, m]. Returns (output [b, hq, n, d], lse [b, hq, n]); a row that sees
     no key gets output 0 and lse -inf."""
     b, hq, n, d = query.shape
     query, key, value = _checked(query, key, value)
@@ -72,7 +72,7 @@ def attend_few(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
         key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
         value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
         mask.data_ptr() if mask is not None else None, *mask_strides,
-        out.data_ptr(), lse.data_ptr(), b, hq, key.shape[1], n, m, d, scale)
+        out.data_ptr(), lse.data_ptr(), b, hq, key.shape[1], n, m, d, _half(key), scale)
     if done != 0:
         raise MemoryError("the native decode kernel ran out of memory for its per-chunk states")
     return out, lse
@@ -87,25 +87,36 @@ def attend_two(first: Triple, second: Triple, scale: float) -> tuple[torch.Tenso
         raise ValueError(f"the two key sets' queries {tuple(first[0].shape)}/{tuple(second[0].shape)} and key heads "
                          f"{tuple(first[1].shape[:2])}/{tuple(second[1].shape[:2])} must match")
     segments = [_checked(*part) for part in (first, second)]
+    if first[1].dtype != second[1].dtype:
+        raise ValueError(f"the two key sets must be held alike, not {first[1].dtype} and {second[1].dtype}")
     out = first[0].new_empty(b, hq, n, d)
     lse = first[0].new_empty(b, hq, n)
     args = []
     for query, key, value in segments:
         args += [query.data_ptr(), *query.stride()[:3], key.data_ptr(), *key.stride()[:3], value.data_ptr(),
                  *value.stride()[:3], key.shape[2]]
-    done = library().se_attend_two(*args, out.data_ptr(), lse.data_ptr(), b, hq, first[1].shape[1], n, d, scale)
+    done = library().se_attend_two(*args, out.data_ptr(), lse.data_ptr(), b, hq, first[1].shape[1], n, d,
+                                   _half(first[1]), scale)
     if done != 0:
         raise MemoryError("the native decode kernel ran out of memory for its per-chunk states")
     return out, lse
+
+
+KV_DTYPES = (torch.float32, torch.float16)  # what the kernel reads keys and values as (the KV cache's dtypes)
+
+
+def _half(key: torch.Tensor) -> int:
+    return int(key.dtype == torch.float16)
 
 
 def _checked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
     """query, key, value as the kernel reads them (unit-stride heads), or ValueError saying what does not fit."""
     b, hq, n, d = query.shape
     hkv, m = key.shape[1], key.shape[2]
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise ValueError(f"the native decode kernel takes {name} as float32 on CPU, not {x.dtype} on {x.device}")
+    if query.dtype != torch.float32 or key.dtype not in KV_DTYPES or value.dtype != key.dtype \
+            or any(x.device.type != "cpu" for x in (query, key, value)):
+        raise ValueError(f"the native decode kernel takes a float32 query and float32 or float16 keys and values "
+                         f"alike, on CPU, not {query.dtype}/{key.dtype}/{value.dtype} on {query.device}")
     if key.shape != (b, hkv, m, d) or value.shape != key.shape or hq % hkv:
         raise ValueError(f"query {tuple(query.shape)} and key/value {tuple(key.shape)}/{tuple(value.shape)} do not "
                          f"fit [b, hq, n, d] and [b, hkv, m, d] with hkv dividing hq")
