@@ -34,7 +34,7 @@ def test_generate_matches_plain_generate(model_dir, tmp_path, capsys):
     (tmp_path / "doc.txt").write_text(text)
     code, out, err = run(capsys, "generate", "--input", tmp_path / "doc.txt", "--model", model_dir,
                          "--group-size", 4, "--window", 8, "--max-new-tokens", 6, "--chunk-size", 7, "--weights",
-                         "dense", "--quiet")
+                         "dense", "--kv-cache-dtype", "model", "--quiet")
     assert code == 0, err
     import selfextend
 
@@ -67,6 +67,37 @@ def test_generate_with_lighter_weights(model_dir, tmp_path, capsys, monkeypatch,
         assert out == dense
 
 
+@pytest.mark.parametrize("flags, stored", [((), torch.float16), (("--kv-cache-dtype", "float16"), torch.float16),
+                                           (("--kv-cache-dtype", "model"), torch.float32)])
+def test_generate_with_a_float16_kv_cache(model_dir, tmp_path, capsys, monkeypatch, flags, stored):
+    """The KV cache the answer is read from is float16 by default on CPU (and when asked), the model's dtype
+    when asked; the run answers either way."""
+    from selfextend import inference
+
+    (tmp_path / "doc.txt").write_text("The sky is blue. " * 15)
+    caches, prefill = [], inference.prefill
+    monkeypatch.setattr(inference, "prefill", lambda *a, **k: caches.append(prefill(*a, **k)) or caches[-1])
+    code, out, err = run(capsys, "generate", "--input", tmp_path / "doc.txt", "--model", model_dir,
+                         "--max-new-tokens", 6, *flags, "--quiet")
+    assert code == 0, err
+    assert out.strip()
+    assert {layer.keys.dtype for layer in caches[0].layers} == {stored}
+
+
+def test_serve_hands_its_engine_the_kv_cache_dtype(model_dir, monkeypatch):
+    """serve's engine stores float16 by default on CPU, the model's dtype when asked; eval measures the model's
+    unless asked."""
+    pytest.importorskip("fastapi")
+    from selfextend.serving import server
+
+    engines = []
+    monkeypatch.setattr(server, "serve", lambda engine, *args: engines.append(engine))
+    for flags in ((), ("--kv-cache-dtype", "model")):
+        assert cli.main(["serve", "--model", str(model_dir), *flags]) == 0
+    assert [engine.cache_dtype for engine in engines] == [torch.float16, None]
+    assert cli.build_parser().parse_args(["eval", "passkey", "--lengths", "1k", "--out", "x"]).kv_cache_dtype == "model"
+
+
 def test_generate_reads_stdin(model_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("The grass is green. " * 10))
     code, out, err = run(capsys, "generate", "--input", "-", "--model", model_dir, "--max-new-tokens", 3, "--quiet")
@@ -93,6 +124,9 @@ def test_generate_sample_document(model_dir, capsys):
     (["generate", "--input", "{doc}", "--method", "string", "--effective-length", "50", "--model",
       "/no/such/model.gguf"], "STRING does not use it"),  # flags are checked before any model is looked for
     (["generate", "--input", "{doc}", "--weights", "int8", "--dtype", "bfloat16"], "float32 compute on CPU"),
+    (["generate", "--input", "{doc}", "--kv-cache-dtype", "float16", "--dtype", "bfloat16"], "for float32 models"),
+    (["eval", "passkey", "--lengths", "100", "--out", "{doc}.out", "--kv-cache-dtype", "float16"],
+     "vanilla run the model's own"),
 ])
 def test_clear_errors(model_dir, tmp_path, capsys, argv, message):
     (tmp_path / "empty.txt").write_text("  \n")

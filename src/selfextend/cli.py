@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import models
 from .config import CHOICES, FLAGS, check_request, training_length
 from .errors import CommandError, NativeBuildError, UnsupportedModelError
 from .integration import apply_plan
+from .kv_cache import CACHE_DTYPES, cache_dtype
 from .planning import Plan, find_profile, resolve, uses_profile
 from .rotary import rope_parameters_of
 from .samples import token_counter
@@ -90,6 +93,14 @@ def _load_model(args, source: models.ModelSource):
     return models.load_model(source, device=args.device, dtype=args.dtype, weights=weights)
 
 
+def _kv_cache_dtype(args):
+    """The KV cache's dtype the flags ask for (None: the model's), a bad combination refused before loading."""
+    try:
+        return cache_dtype(args.kv_cache_dtype, getattr(torch, args.dtype), args.device)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+
+
 def _settings(args, model_or_config, length: int) -> Plan:
     """The plan for `length` tokens from the flags (given settings, or the planner's), errors as the user's."""
     try:
@@ -106,6 +117,7 @@ def cmd_generate(args) -> None:
     if args.input is None and args.sample_tokens is None:
         raise CommandError("give --input FILE (or - for stdin), or --sample-tokens N for a generated passkey document")
     _check_flags(args)
+    kv_dtype = _kv_cache_dtype(args)
     source = _source(args)
     tokenizer = models.load_tokenizer(source)
     text, question, key = _document(args, tokenizer)
@@ -123,7 +135,8 @@ def cmd_generate(args) -> None:
           f"{chosen.max_length} ({chosen.reason}); "
           f"model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     prefill_start = time.perf_counter()
-    cache = prefill(model, ids, args.chunk_size, progress=not args.quiet, capacity=n + args.max_new_tokens)
+    cache = prefill(model, ids, args.chunk_size, progress=not args.quiet, capacity=n + args.max_new_tokens,
+                    cache_dtype=kv_dtype)
     prefill_seconds = time.perf_counter() - prefill_start
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     decode_start = time.perf_counter()
@@ -266,9 +279,10 @@ def cmd_eval(args) -> None:
         ev = Evaluation(args.task, _lengths(args.lengths), methods, args.model or models.DEFAULT_MODEL,
                         depths=_floats(args.depths, "--depths"), samples=args.samples, seed=args.seed,
                         chunk_size=args.chunk_size, bucket=args.bucket, options=options,
-                        effective_length=args.effective_length)
+                        effective_length=args.effective_length, kv_cache_dtype=args.kv_cache_dtype)
     except ValueError as error:
         raise CommandError(str(error)) from error
+    _kv_cache_dtype(args)  # refused before the model loads
     source = _source(args)
     tokenizer = models.load_tokenizer(source)
     model = _load_model(args, source)
@@ -304,6 +318,7 @@ def cmd_serve(args) -> None:
     if args.prefix_cache_mb < 0:
         raise CommandError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
     _check_flags(args)
+    kv_dtype = _kv_cache_dtype(args)
     template = None
     if args.chat_template is not None:
         path = Path(args.chat_template)
@@ -319,7 +334,7 @@ def cmd_serve(args) -> None:
     except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
     engine = Engine(model, tokenizer, planner, Metrics(), chunk_size=args.chunk_size, max_queue=args.max_queue,
-                    prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+                    prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), cache_dtype=kv_dtype)
     options = ServerOptions(args.served_model_name or args.model or models.DEFAULT_MODEL, args.api_key,
                             int(args.max_body_mb * 2**20), args.max_tokens_cap, args.default_max_tokens, template)
     serve(engine, options, args.host, args.port, args.log_level)
@@ -357,6 +372,17 @@ def _add_effective_length(parser: argparse.ArgumentParser) -> None:
 WEIGHTS_HELP = ("how linear weights are stored: dense (as --dtype), float16 or int8 (CPU, float32 compute; lighter "
                 "and faster to decode; int8 builds a C kernel with the system's compiler on first use), or auto: "
                 "int8 on CPU with float32 compute where a C compiler builds it, dense elsewhere (saying so on CPU)")
+
+
+KV_CACHE_HELP = ("what the KV cache stores keys and values in: model (the model's dtype), float16 (float32 models "
+                 "on CPU: half the cache's memory and of the bytes a decode step reads it in; keys and values "
+                 "rounded once), or auto: float16 where it applies, the model's dtype elsewhere")
+
+
+def _add_kv_cache_option(parser: argparse.ArgumentParser, default: str = "auto",
+                         choices: tuple[str, ...] = CACHE_DTYPES) -> None:
+    """--kv-cache-dtype, for the commands whose every run reads the cache through SelfExtend's attention."""
+    parser.add_argument("--kv-cache-dtype", default=default, choices=choices, help=f"{KV_CACHE_HELP} (default {default})")
 
 
 def _add_run_options(parser: argparse.ArgumentParser, quiet: bool = True, weights: str = AUTO) -> None:
@@ -401,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_run_options(gen)
+    _add_kv_cache_option(gen)
     gen.set_defaults(run=cmd_generate)
 
     ev = sub.add_parser("eval", help="score methods side by side on a long-context task; resumable")
@@ -419,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="output folder; a rerun resumes from its results.jsonl")
     _add_effective_length(ev)
     _add_run_options(ev, weights="dense")  # measurements are of the model as loaded unless asked
+    _add_kv_cache_option(ev, "model", ("model", "float16"))  # measured as asked: no choice made for the user
     ev.set_defaults(run=cmd_eval)
 
     cal = sub.add_parser("calibrate", help="measure the model's effective length E and save it as its profile")
@@ -450,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(serve, given=", fixed for every request")
     _add_serve_options(serve)
     _add_run_options(serve, quiet=False)
+    _add_kv_cache_option(serve)
     serve.set_defaults(run=cmd_serve)
 
     info = sub.add_parser("info", help="family, RoPE, training length and extended layers of a model")

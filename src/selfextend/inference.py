@@ -20,19 +20,20 @@ ChunkHook = Callable[[int, DynamicCache], None]
 @torch.inference_mode()
 def prefill(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 2048, progress: bool = False,
             cache: DynamicCache | None = None, on_chunk: ChunkHook | None = None,
-            capacity: int | None = None) -> DynamicCache:
+            capacity: int | None = None, cache_dtype: torch.dtype | None = None) -> DynamicCache:
     """The KV cache of all but the last token of `ids`, filled `chunk_size` tokens per forward pass.
 
     Given a `cache` that already holds a prefix of `ids`, only the rest is read. Chunks end at multiples of
     `chunk_size` counted from the first token, so a prefill resumed from a chunk boundary runs exactly the
     forward passes of one from scratch. `on_chunk(end, cache)` runs after each chunk (it may raise to stop).
-    `capacity`: the positions a cache made here will hold (prompt and answer), allocated at once. After each
+    `capacity`: the positions a cache made here will hold (prompt and answer), allocated at once; `cache_dtype`
+    what it stores keys and values in (None: the model's dtype; see `kv_cache`). After each
     chunk the memory its intermediates freed is given back (`allocator`), so chunks do not pile up held pages.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk size must be positive, got {chunk_size}")
     n = ids.shape[1]
-    cache = cache if cache is not None else new_cache(model.config, capacity)
+    cache = cache if cache is not None else new_cache(model.config, capacity, cache_dtype)
     done = cache.get_seq_length()
     if done > max(n - 1, 0):
         raise ValueError(f"the cache holds {done} tokens, more than the {n - 1} to prefill")
@@ -78,7 +79,8 @@ def answer(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, max_n
     return out[0, ids.shape[1]:]
 
 
-def respond(model: PreTrainedModel, tokenizer, ids: torch.Tensor, max_new_tokens: int, chunk_size: int = 2048) -> str:
+def respond(model: PreTrainedModel, tokenizer, ids: torch.Tensor, max_new_tokens: int, chunk_size: int = 2048,
+            cache_dtype: torch.dtype | None = None) -> str:
     """The greedy answer to prompt `ids` (row 0), read in chunks: the loop behind eval and calibrate."""
-    cache = prefill(model, ids, chunk_size, capacity=ids.shape[1] + max_new_tokens)
+    cache = prefill(model, ids, chunk_size, capacity=ids.shape[1] + max_new_tokens, cache_dtype=cache_dtype)
     return tokenizer.decode(answer(model, ids, cache, max_new_tokens, pad_id(tokenizer)), skip_special_tokens=True)

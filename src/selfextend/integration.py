@@ -79,6 +79,10 @@ def _attention_forward(
         raise ValueError("SelfExtend needs the 2D padding mask, not a prepared 4D attention mask")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     backend = resolve_backend(state.config.backend, query.device)
+    if key.dtype != query.dtype and (not backend.reads_cache_dtypes or query.dtype != torch.float32):
+        raise ValueError(f"the KV cache holds {key.dtype} for a {query.dtype} model: only the blockwise attention "
+                         f"backend reads a cache in another dtype, for float32 models (backend "
+                         f"{state.config.backend!r} on {query.device.type} here)")
     window = sliding_window or (attention_mask.local_window if attention_mask is not None else None)
 
     kept: GroupedKeys | None = getattr(module, _KEPT, None)

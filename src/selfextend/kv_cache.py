@@ -10,6 +10,11 @@ window to a new buffer once its room is used up: one copy of the window per 256 
 Crops, batch reordering and restored prefixes work as for DynamicLayer: a layer whose tensors are not a run of
 its buffer starts a new buffer from them (as does one filled under `torch.inference_mode` and then written
 outside it, once), so a tensor someone else holds is never written into past what the layer itself held.
+
+With a `dtype` (float16 for a float32 model: half the cache's memory and the bytes a decode step reads) every
+layer stores its keys and values in it, rounded once as they are written, and hands them to attention as
+stored; SelfExtend's attention reads them as they are (`few_native`, or widened a range at a time). A key or
+value past the dtype's range is refused, never stored as infinity.
 """
 
 from __future__ import annotations
@@ -19,20 +24,41 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 
+CACHE_DTYPES = ("auto", "model", "float16")  # what --kv-cache-dtype may say
+
+
+def cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype | None:
+    """What a KV cache stores for `--kv-cache-dtype name` with a model of `model_dtype` on `device` (None: the
+    model's dtype): the one decision. float16 is for float32 models on CPU, where SelfExtend's blockwise
+    attention reads it; auto chooses it there and the model's dtype elsewhere; model never converts."""
+    if name not in CACHE_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {name!r}: choose one of {', '.join(CACHE_DTYPES)}")
+    if name == "model":
+        return None
+    if model_dtype != torch.float32 or torch.device(device).type != "cpu":
+        if name == "auto":
+            return None
+        raise ValueError(f"a float16 KV cache is for float32 models on CPU (SelfExtend's blockwise attention reads "
+                         f"it): a {str(model_dtype).removeprefix('torch.')} model on {torch.device(device).type} "
+                         f"keeps its cache in its own dtype (--kv-cache-dtype model)")
+    return torch.float16
+
+
 def _writable(buffer: torch.Tensor) -> bool:
     """Whether `buffer` may be written here: torch refuses writes outside inference mode to one made inside it."""
     return torch.is_inference_mode_enabled() or not buffer.is_inference()
 
 
 def room_for(buffer: torch.Tensor | None, size: int, like: torch.Tensor, kept: torch.Tensor | None,
-             spare: int | None = None) -> torch.Tensor:
+             spare: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A buffer of at least `size` positions (dim -2) starting with `kept`: `buffer`, which must already start
-    with it, if it has the room and may be written here; else a new one with `spare` positions to spare (by
-    default a quarter more, at least 256), so appending one position at a time copies O(1) per position."""
+    with it, if it has the room and may be written here; else a new one of `dtype` (default: like's) with `spare`
+    positions to spare (by default a quarter more, at least 256), so appending one position at a time copies O(1)
+    per position."""
     if buffer is not None and _writable(buffer) and buffer.shape[-2] >= size:
         return buffer
     spare = max(256, size // 4) if spare is None else spare
-    grown = like.new_empty(*like.shape[:-2], size + spare, like.shape[-1])
+    grown = like.new_empty(*like.shape[:-2], size + spare, like.shape[-1], dtype=dtype or like.dtype)
     if kept is not None:
         grown[..., :kept.shape[-2], :] = kept
     return grown
@@ -44,10 +70,10 @@ def spare_within(capacity: int | None, size: int) -> int | None:
     return capacity - size if capacity is not None and size <= capacity else None
 
 
-def _start_in(buffer: torch.Tensor | None, current: torch.Tensor, new: torch.Tensor) -> int | None:
+def _start_in(buffer: torch.Tensor | None, current: torch.Tensor, new: torch.Tensor, dtype: torch.dtype) -> int | None:
     """The position in `buffer` where `current` (a run of its positions, or empty) starts; None if it is not one,
-    or `buffer` cannot take `new` after it."""
-    if buffer is None or buffer.dtype != new.dtype or buffer.device != new.device \
+    or `buffer` cannot take `new` after it, stored as `dtype`."""
+    if buffer is None or buffer.dtype != dtype or buffer.device != new.device \
             or buffer.shape[:-2] != new.shape[:-2] or buffer.shape[-1] != new.shape[-1]:
         return None
     if not current.numel():
@@ -60,20 +86,39 @@ def _start_in(buffer: torch.Tensor | None, current: torch.Tensor, new: torch.Ten
     return start
 
 
-def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor, spare: int | None = None):
+def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor, spare: int | None = None,
+            dtype: torch.dtype | None = None):
     """`current` followed by `new`, as a view of `buffer`: written right after `current` if it is a run of the
     buffer's positions with room after it, else into a new buffer (`spare` positions to spare, as `room_for`)
-    that starts with a copy of `current`."""
+    that starts with a copy of `current`; stored as `dtype` (default: new's), converted as it is written."""
+    dtype = dtype or new.dtype
     n = current.shape[-2] if current.numel() else 0
-    start = _start_in(buffer, current, new)
+    start = _start_in(buffer, current, new, dtype)
     if start is None or not _writable(buffer) or start + n + new.shape[-2] > buffer.shape[-2]:
-        buffer, start = room_for(None, n + new.shape[-2], new, current if n else None, spare), 0
+        buffer, start = room_for(None, n + new.shape[-2], new, current if n else None, spare, dtype), 0
     end = start + n + new.shape[-2]
     buffer[..., start + n:end, :] = new
     return buffer[..., start:end, :], buffer
 
 
-class GrowingLayer(DynamicLayer):
+class _Stored:
+    """A layer that stores keys and values as `storage` (None: as given), converting them as it writes them."""
+
+    storage: torch.dtype | None = None
+
+    def check_range(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Refuse keys or values that `storage` cannot hold (they would be stored as infinity)."""
+        if self.storage is None or key_states.dtype == self.storage:
+            return
+        limit = torch.finfo(self.storage).max
+        for name, states in (("key", key_states), ("value", value_states)):
+            low, high = (x.item() for x in states.aminmax()) if states.numel() else (0.0, 0.0)
+            if max(high, -low) > limit:
+                raise ValueError(f"a {name} of {max(high, -low):.4g} is past {self.storage}'s range ({limit:.6g}): "
+                                 f"this model needs its KV cache in its own dtype (--kv-cache-dtype model)")
+
+
+class GrowingLayer(_Stored, DynamicLayer):
     """A DynamicLayer that appends into a buffer with room to spare instead of concatenating.
 
     With a `capacity` (the positions a run will hold: prompt and answer), its buffers are that long from the
@@ -83,16 +128,17 @@ class GrowingLayer(DynamicLayer):
     _key_buffer: torch.Tensor | None = None
     _value_buffer: torch.Tensor | None = None
 
-    def __init__(self, capacity: int | None = None) -> None:
+    def __init__(self, capacity: int | None = None, storage: torch.dtype | None = None) -> None:
         super().__init__()
-        self.capacity = capacity
+        self.capacity, self.storage = capacity, storage
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.check_range(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         spare = spare_within(self.capacity, self.get_seq_length() + key_states.shape[-2])
-        self.keys, self._key_buffer = _append(self.keys, self._key_buffer, key_states, spare)
-        self.values, self._value_buffer = _append(self.values, self._value_buffer, value_states, spare)
+        self.keys, self._key_buffer = _append(self.keys, self._key_buffer, key_states, spare, self.storage)
+        self.values, self._value_buffer = _append(self.values, self._value_buffer, value_states, spare, self.storage)
         return self.keys, self.values
 
     def reset(self) -> None:
@@ -100,7 +146,7 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
 
-class SlidingLayer(DynamicSlidingWindowLayer):
+class SlidingLayer(_Stored, DynamicSlidingWindowLayer):
     """A DynamicSlidingWindowLayer that appends into a buffer with room to spare instead of concatenating its
     window on every update; it returns and keeps what that layer does (the window and the new tokens, then the
     last sliding_window - 1 of them). Its room to spare is a quarter of the window (at least 256), however long
@@ -110,8 +156,10 @@ class SlidingLayer(DynamicSlidingWindowLayer):
     _value_buffer: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.check_range(key_states, value_states)
         if getattr(self, "record_past", False):  # kept whole until a crop (assisted decoding): transformers' way
-            return super().update(key_states, value_states, *args, **kwargs)
+            dtype = self.storage or key_states.dtype
+            return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
@@ -119,8 +167,8 @@ class SlidingLayer(DynamicSlidingWindowLayer):
         if self._key_buffer is not None and \
                 self._key_buffer.shape[-2] > self.sliding_window + key_states.shape[-2] + 2 * spare:
             self._key_buffer = self._value_buffer = None
-        keys, self._key_buffer = _append(self.keys, self._key_buffer, key_states, spare)
-        values, self._value_buffer = _append(self.values, self._value_buffer, value_states, spare)
+        keys, self._key_buffer = _append(self.keys, self._key_buffer, key_states, spare, self.storage)
+        values, self._value_buffer = _append(self.values, self._value_buffer, value_states, spare, self.storage)
         self.keys = keys[:, :, -self.sliding_window + 1:, :]
         self.values = values[:, :, -self.sliding_window + 1:, :]
         return keys, values
@@ -130,13 +178,18 @@ class SlidingLayer(DynamicSlidingWindowLayer):
         super().reset()
 
 
-def new_cache(config: PretrainedConfig, capacity: int | None = None) -> DynamicCache:
+def new_cache(config: PretrainedConfig, capacity: int | None = None, dtype: torch.dtype | None = None) -> DynamicCache:
     """An empty DynamicCache for a model of `config`, its layers growing in place; with `capacity`, its
-    full-attention layers hold that many positions from the start (more still grow, as without)."""
+    full-attention layers hold that many positions from the start (more still grow, as without); with `dtype`,
+    every layer stores its keys and values in it (see the module's note)."""
     cache = DynamicCache(config=config)
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:
-            cache.layers[index] = GrowingLayer(capacity)
+            cache.layers[index] = GrowingLayer(capacity, dtype)
         elif type(layer) is DynamicSlidingWindowLayer:
             cache.layers[index] = SlidingLayer(sliding_window=layer.sliding_window)
+            cache.layers[index].storage = dtype
+        elif dtype is not None:
+            raise ValueError(f"a {type(layer).__name__} cache layer cannot store {dtype}: only full and sliding "
+                             f"attention layers can")
     return cache

@@ -98,8 +98,11 @@ class GroupedRotation:
         return cos[index], sin[index]
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str) -> torch.Tensor:
-        """Rotate x [b, h, n, d] (at `positions` [b, n], contiguous per row) to its grouped `kind` positions."""
+        """Rotate x [b, h, n, d] (at `positions` [b, n], contiguous per row) to its grouped `kind` positions.
+        float16 (a float16 KV cache's keys) is rotated in float32 and rounded once."""
         cos, sin = self.angles(positions, kind, x.device)
+        if x.dtype == torch.float16:
+            return rotate(x.float(), cos[:, None], sin[:, None]).to(x.dtype)
         return rotate(x, cos[:, None], sin[:, None])
 
 

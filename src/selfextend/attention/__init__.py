@@ -15,10 +15,12 @@ from .layout import (Geometry, KVLayout, grouped_key_count, layout_mask, packed_
 @dataclass(frozen=True)
 class Backend:
     """selfextend(q, k, v, geometry, rotation, scale, key_grouped=None) and local(q, k, v, geometry, window,
-    scale), both returning [b, n, heads, d]."""
+    scale), both returning [b, n, heads, d]; `reads_cache_dtypes`: whether keys and values may be held in
+    another dtype than the query (a float16 KV cache)."""
 
     selfextend: Callable[..., torch.Tensor]
     local: Callable[..., torch.Tensor]
+    reads_cache_dtypes: bool = False
 
 
 def _reference_local(query, key, value, geometry, window, scale):
@@ -26,7 +28,7 @@ def _reference_local(query, key, value, geometry, window, scale):
 
 
 BACKENDS: dict[str, Backend] = {
-    "blockwise": Backend(blockwise.selfextend_attention, blockwise.local_attention),
+    "blockwise": Backend(blockwise.selfextend_attention, blockwise.local_attention, reads_cache_dtypes=True),
     "reference": Backend(reference.reference_attention, _reference_local),
 }
 

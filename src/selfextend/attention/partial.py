@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import few_native
+from .merge import merge_states
 
 
 def attend(
@@ -14,17 +15,21 @@ def attend(
     """Softmax attention of query [b, hq, n, d] over key/value [b, hkv, m, d] (GQA allowed).
 
     mask: bool, broadcastable to [b, 1, n, m], True where attended; or causal: query t sees keys 0..t
-    (top-left, as SDPA's is_causal), which the CPU kernel does without a mask. Returns (output [b, hq, n, d],
+    (top-left, as SDPA's is_causal), which the CPU kernel does without a mask. Keys and values may be held in
+    another dtype than the query (a float16 KV cache): they are read as the query's. Returns (output [b, hq, n, d],
     lse [b, hq, n] in float32), output 0 and lse -inf on rows that see no key. Under autograd the explicit form runs,
     since the fused kernel's lse carries no gradient and merging partials needs it.
     """
     if query.device.type == "cpu" and not needs_grad(query, key, value):
-        if not causal and query.shape[1] // key.shape[1] * query.shape[2] <= FEW_ROWS:  # a decode step's rows
-            if query.dtype == torch.float32 and few_native.available():
-                few = few_native.attend_few_op if torch.compiler.is_compiling() else few_native.attend_few
-                return _no_key_rows(*few(query, key, value, mask, scale), mask)
-            if key.shape[2] > FEW_KEYS:
-                return _no_key_rows(*_attend_few(query, key, value, mask, scale), mask)
+        few_rows = not causal and query.shape[1] // key.shape[1] * query.shape[2] <= FEW_ROWS  # a decode step's
+        if few_rows and query.dtype == torch.float32 and key.dtype in few_native.KV_DTYPES \
+                and few_native.available():
+            few = few_native.attend_few_op if torch.compiler.is_compiling() else few_native.attend_few
+            return _no_key_rows(*few(query, key, value, mask, scale), mask)
+        if key.dtype != query.dtype:
+            return _widened(query, key, value, mask, scale, causal)
+        if few_rows and key.shape[2] > FEW_KEYS:
+            return _no_key_rows(*_attend_few(query, key, value, mask, scale), mask)
         # the CPU flash kernel reads the head dimension as unit-stride: other strides give wrong sums (torch 2.13)
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
         float_mask = None
@@ -40,6 +45,25 @@ def attend(
     return _no_key_rows(*_attend_math(query, key, value, mask, scale), mask)
 
 
+WIDEN_KEYS = 4096  # keys of another dtype widened to the query's at a time, so a call copies a bounded range
+
+
+def _widened(query, key, value, mask, scale, causal):
+    """`attend` over keys and values held in another dtype (a float16 cache), widened to the query's
+    `WIDEN_KEYS` at a time, the ranges' partials merged; a causal call (a diagonal tile) is widened whole."""
+    m = key.shape[2]
+    if causal or m <= WIDEN_KEYS:
+        return attend(query, key.to(query.dtype), value.to(query.dtype), mask, scale, causal)
+    outputs, lses = [], []
+    for s0 in range(0, m, WIDEN_KEYS):
+        keys = slice(s0, s0 + WIDEN_KEYS)
+        part = None if mask is None else mask[..., keys] if mask.shape[-1] == m else mask
+        out, lse = attend(query, key[:, :, keys].to(query.dtype), value[:, :, keys].to(query.dtype), part, scale)
+        outputs.append(out)
+        lses.append(lse)
+    return merge_states(outputs, lses).to(query.dtype), torch.logsumexp(torch.stack(lses), dim=0)
+
+
 def attend_merged(first: few_native.Triple, second: few_native.Triple, scale: float) -> torch.Tensor | None:
     """Softmax attention over two unmasked key sets, each (query, key, value) with its own query: the merge of
     their two `attend` partials, in one call of the native kernel where it takes them (a decode step's rows,
@@ -47,6 +71,7 @@ def attend_merged(first: few_native.Triple, second: few_native.Triple, scale: fl
     caller then merges two partials)."""
     query, key = first[0], first[1]
     if query.device.type != "cpu" or query.dtype != torch.float32 or needs_grad(*first, *second) \
+            or key.dtype not in few_native.KV_DTYPES or second[1].dtype != key.dtype \
             or query.shape[1] // key.shape[1] * query.shape[2] > FEW_ROWS or not few_native.available():
         return None
     if torch.compiler.is_compiling():

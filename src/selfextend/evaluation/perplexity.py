@@ -20,10 +20,12 @@ def _check(ids: torch.Tensor) -> None:
         raise ValueError(f"need one row of at least 2 tokens, got shape {tuple(ids.shape)}")
 
 
-def _window_nll(model: PreTrainedModel, window: torch.Tensor, first: int, chunk_size: int, on_chunk) -> torch.Tensor:
-    """NLL of tokens first+1..end of `window` (1×m) given the window before them, from one fresh cache."""
+def _window_nll(model: PreTrainedModel, window: torch.Tensor, first: int, chunk_size: int, on_chunk,
+                cache_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """NLL of tokens first+1..end of `window` (1×m) given the window before them, from one fresh cache (keys and
+    values stored in `cache_dtype`, None: the model's)."""
     m = window.shape[1]
-    cache = new_cache(model.config, m)
+    cache = new_cache(model.config, m, cache_dtype)
     out = []
     for start in range(0, m - 1, chunk_size):
         end = min(m - 1, start + chunk_size)
@@ -38,10 +40,11 @@ def _window_nll(model: PreTrainedModel, window: torch.Tensor, first: int, chunk_
 
 
 @torch.inference_mode()
-def token_nll(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 1024, on_chunk=None) -> torch.Tensor:
+def token_nll(model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 1024, on_chunk=None,
+              cache_dtype: torch.dtype | None = None) -> torch.Tensor:
     """NLL (nats) of tokens 1..n-1 of `ids` (shape 1×n) given all before them; float32, shape n-1."""
     _check(ids)
-    return _window_nll(model, ids, 0, chunk_size, on_chunk)
+    return _window_nll(model, ids, 0, chunk_size, on_chunk, cache_dtype)
 
 
 @torch.inference_mode()

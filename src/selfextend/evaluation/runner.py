@@ -20,6 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import training_length
 from ..inference import respond
+from ..kv_cache import CACHE_DTYPES, cache_dtype
+from ..positions import POSITION_MAPS
 from ..samples import token_counter
 from .methods import TRUNCATED, Method, applied
 from .perplexity import bucket_means, token_nll, truncated_nll
@@ -45,6 +47,7 @@ class Evaluation:
     bucket: int | None = None  # perplexity: tokens per position bucket (default: training length / 8)
     options: dict = field(default_factory=dict)  # passed to the task generator, e.g. digits=10
     effective_length: int | None = None  # planned SelfExtend plans against this E (default: the model's profile)
+    kv_cache_dtype: str = "model"  # what the KV cache stores (kv_cache.CACHE_DTYPES); not model: position maps only
 
     def __post_init__(self) -> None:
         if self.task not in TASKS and self.task != PERPLEXITY:
@@ -55,6 +58,12 @@ class Evaluation:
             raise ValueError("give at least one method")
         if self.task != PERPLEXITY and any(m.name == TRUNCATED for m in self.methods):
             raise ValueError(f"{TRUNCATED} scores perplexity only; {self.task} needs the model to read the whole input")
+        if self.kv_cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"unknown KV cache dtype {self.kv_cache_dtype!r}: choose one of {', '.join(CACHE_DTYPES)}")
+        plain = [m.spec for m in self.methods if m.name not in POSITION_MAPS]
+        if self.kv_cache_dtype != "model" and plain:
+            raise ValueError(f"a {self.kv_cache_dtype} KV cache is read by SelfExtend's attention only, and "
+                             f"{', '.join(plain)} run the model's own: evaluate them with --kv-cache-dtype model")
         if self.samples < 1:
             raise ValueError(f"samples must be at least 1, got {self.samples}")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
@@ -62,7 +71,8 @@ class Evaluation:
 
 
 def _key(row: dict) -> tuple:
-    return row["task"], row["model"], row["method"], row["length"], row["depth"], row["seed"]
+    return (row["task"], row["model"], row["method"], row["length"], row["depth"], row["seed"],
+            row.get("kv_cache", "model"))
 
 
 def load_rows(out_dir: Path) -> list[dict]:
@@ -104,13 +114,14 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ev: Eva
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_length = training_length(model)
+    kv_dtype = cache_dtype(ev.kv_cache_dtype, model.dtype, model.device)
     for length in ev.lengths:  # a length no method can handle fails now, not an hour in
         for method in ev.methods:
             method.parameters(model, length, ev.effective_length)
     _drop_cut_line(out_dir / RESULTS)
     done = {_key(row) for row in load_rows(out_dir)}
     todo = [(job, m) for job in _jobs(ev) for m in ev.methods
-            if (ev.task, ev.model_name, m.spec, job[0], job[1], job[2]) not in done]
+            if (ev.task, ev.model_name, m.spec, job[0], job[1], job[2], ev.kv_cache_dtype) not in done]
     count = token_counter(tokenizer)
     document = tokenizer(kjv_text(), return_tensors="pt").input_ids if ev.task == PERPLEXITY else None
     if document is not None and document.shape[1] < max(ev.lengths):
@@ -133,16 +144,18 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ev: Eva
                     built = job, sample, tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
                 _, sample, ids = built
             bar.set_postfix_str(f"{method.spec} @ {length}", refresh=True)
-            row = _run_one(model, tokenizer, ev, method, ids, sample, bucket,
+            row = _run_one(model, tokenizer, ev, method, ids, sample, bucket, kv_dtype,
                            on_chunk=lambda n: bar.update(n * length / ids.shape[1]))
             row.update(task=ev.task, model=ev.model_name, length=length, depth=depth, seed=seed)
+            if ev.kv_cache_dtype != "model":
+                row["kv_cache"] = ev.kv_cache_dtype
             results.write(json.dumps(row) + "\n")
             results.flush()
     return load_rows(out_dir)
 
 
 def _run_one(model, tokenizer, ev: Evaluation, method: Method, ids: torch.Tensor, sample, bucket: int,
-             on_chunk) -> dict:
+             kv_dtype: torch.dtype | None, on_chunk) -> dict:
     started = time.perf_counter()
     n = ids.shape[1]
     if sample is None:
@@ -153,13 +166,13 @@ def _run_one(model, tokenizer, ev: Evaluation, method: Method, ids: torch.Tensor
                 nll = truncated_nll(model, ids, params["C"], params["s"], chunk,
                                     on_chunk=lambda k: on_chunk(k * n / read))
             else:
-                nll = token_nll(model, ids, chunk, on_chunk=on_chunk)
+                nll = token_nll(model, ids, chunk, on_chunk=on_chunk, cache_dtype=kv_dtype)
         mean = nll.mean().item()
         return {"method": method.spec, "params": params, "tokens": n, "nll": round(mean, 5),
                 "ppl": round(math.exp(mean), 4), "bucket": bucket, "nll_buckets": bucket_means(nll, bucket),
                 "seconds": round(time.perf_counter() - started, 2)}
     with applied(model, method, n + sample.max_new_tokens, ev.effective_length) as params:
-        got = respond(model, tokenizer, ids, sample.max_new_tokens, ev.chunk_size)
+        got = respond(model, tokenizer, ids, sample.max_new_tokens, ev.chunk_size, kv_dtype)
         on_chunk(n)
     return {"method": method.spec, "params": params, "tokens": n, "expected": list(sample.expected), "got": got,
             "correct": is_correct(sample.expected, got), "seconds": round(time.perf_counter() - started, 2)}

@@ -130,11 +130,12 @@ class Engine:
     """Owns the model and its worker thread; `submit` queues a job or raises QueueFullError."""
 
     def __init__(self, model: PreTrainedModel, tokenizer, planner: Planner, metrics: Metrics, *,
-                 chunk_size: int = 2048, max_queue: int = 16, prefix_cache_bytes: int = 2 << 30):
+                 chunk_size: int = 2048, max_queue: int = 16, prefix_cache_bytes: int = 2 << 30,
+                 cache_dtype: torch.dtype | None = None):
         if chunk_size < 1 or max_queue < 1:
             raise ValueError("chunk size and queue length must be positive")
         self.model, self.tokenizer, self.planner, self.metrics = model, tokenizer, planner, metrics
-        self.chunk_size = chunk_size
+        self.chunk_size, self.cache_dtype = chunk_size, cache_dtype  # the KV caches' dtype (None: the model's)
         self.prefix = PrefixCache(prefix_cache_bytes)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
@@ -227,7 +228,7 @@ class Engine:
         metrics.reused_tokens.inc(reused)
         metrics.prompt_tokens.inc(n)
         capacity = n + p.max_tokens  # the prompt and the longest answer: the cache is allocated once
-        cache = restore(entry, reused, self.model.config, capacity) if entry is not None else None
+        cache = restore(entry, reused, self.model.config, capacity, self.cache_dtype) if entry is not None else None
         recorder = Recorder(key, prompt, self.chunk_size, entry, reused)
         read = [reused]
 
@@ -239,7 +240,8 @@ class Engine:
             if job.cancelled.is_set():
                 raise Cancelled
 
-        cache = prefill(self.model, p.ids, self.chunk_size, cache=cache, on_chunk=after_chunk, capacity=capacity)
+        cache = prefill(self.model, p.ids, self.chunk_size, cache=cache, on_chunk=after_chunk, capacity=capacity,
+                        cache_dtype=self.cache_dtype)
         if self.prefix.capacity_bytes:
             self.prefix.add(recorder.finish(cache))
             metrics.prefix_bytes.set(self.prefix.nbytes)

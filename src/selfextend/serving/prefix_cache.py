@@ -126,10 +126,11 @@ class PrefixCache:
         return True
 
 
-def restore(entry: Entry, length: int, config: PretrainedConfig, capacity: int | None = None) -> DynamicCache:
+def restore(entry: Entry, length: int, config: PretrainedConfig, capacity: int | None = None,
+            dtype: torch.dtype | None = None) -> DynamicCache:
     """A new cache holding the first `length` tokens of `entry` (`length` one of its boundaries); its full
-    layers take `capacity` positions at their next update (see `new_cache`)."""
-    cache = new_cache(config, capacity)
+    layers take `capacity` positions at their next update, and store `dtype` (see `new_cache`)."""
+    cache = new_cache(config, capacity, dtype)
     for i, layer in enumerate(cache.layers):
         if not layer.is_sliding and i not in entry.full:
             continue  # a layer that held nothing (shared keys and values)
