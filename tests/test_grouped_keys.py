@@ -125,12 +125,17 @@ def test_generate_greedy_and_beams_match():
         assert torch.equal(got, expected)
 
 
-def test_remove_takes_the_hook_away():
-    model, _ = _pair()
-    attention = [m for m in model.modules() if hasattr(m, "layer_idx")]
-    assert all(m._forward_pre_hooks for m in attention)
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_hook_is_on_the_attention_modules_only_and_remove_takes_it_away(family):
+    """A decoder layer carries a layer index too: it gets no settings and no hook (they would run for nothing)."""
+    model = selfextend.apply(make_model(family), G, W)
+    indexed = [m for m in model.modules() if hasattr(m, "layer_idx")]
+    attention = [m for m in indexed if "Attention" in type(m).__name__]
+    assert len(attention) == model.config.num_hidden_layers
+    assert family == "llama" or len(indexed) == 2 * len(attention)  # Gemma 3's decoder layers have an index too
+    assert [m for m in indexed if m._forward_pre_hooks or hasattr(m, "selfextend_state")] == attention
     selfextend.remove(model)
-    assert not any(m._forward_pre_hooks for m in attention)
+    assert not any(m._forward_pre_hooks for m in indexed)
 
 
 @pytest.mark.parametrize("kind", CACHES)

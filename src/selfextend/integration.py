@@ -184,7 +184,12 @@ AttentionMaskInterface.register(ATTENTION_NAME, layout_mask)
 
 
 def _attention_modules(model: nn.Module):
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config")]
+    """The modules that call the attention function: those with a layer index and a config that hold no such
+    module themselves (a decoder layer has both too, and holds its attention module)."""
+    def indexed(module: nn.Module) -> bool:
+        return hasattr(module, "layer_idx") and hasattr(module, "config")
+
+    return [m for m in model.modules() if indexed(m) and not any(indexed(c) for c in m.modules() if c is not m)]
 
 
 def apply(
