@@ -22,6 +22,9 @@ with that checkout's selfextend and with this one's, alternately, and the median
 this machine's speed can move by tens of percent within minutes, more than one change saves.
 
     python benchmarks/decode_breakdown.py --formats int8 --methods selfextend --before /tmp/before --rounds 5
+
+With `--kv-cache-dtypes model,float16`, SelfExtend's rows are measured over a cache of each dtype, the caches
+taking turns for `--cache-rounds` rounds in one process (the model's own attention reads `model` only).
 """
 
 from __future__ import annotations
@@ -113,15 +116,15 @@ class _Timers:
             self._register(name, function)
 
 
-def _random_cache(model, n: int):
+def _random_cache(model, n: int, dtype=None):
     """The cache every loop uses (kv_cache.new_cache) holding n random keys and values per layer (sliding
-    layers keep their window)."""
+    layers keep their window), stored in `dtype` (None: the model's)."""
     import torch
 
     from selfextend.kv_cache import new_cache
 
     config = model.config.get_text_config()
-    cache = new_cache(model.config)
+    cache = new_cache(model.config, dtype=dtype)
     heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     with torch.inference_mode():  # as prefill fills it
@@ -131,13 +134,38 @@ def _random_cache(model, n: int):
     return cache
 
 
-def measure(fmt: str, lengths: list[int], methods: list[str], steps: int, model_name: str | None) -> dict:
-    """Decode-step breakdowns for one weight format, in this process."""
+def _steps(model, timers: _Timers, cache, steps: int, warm_up: int) -> tuple[list, list]:
+    """`warm_up` untimed decode steps, `steps` timed whole, `steps` timed by part: (seconds, (seconds, parts))."""
     import torch
 
+    from selfextend.transformers_compat import cache_kwargs
+
+    token = torch.tensor([[1]])
+    plain, timed = [], []
+    with torch.inference_mode():
+        for step in range(warm_up + 2 * steps):
+            timers.on = step >= warm_up + steps
+            before = dict(timers.spent)
+            start = time.perf_counter()
+            logits = model(token, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            seconds = time.perf_counter() - start
+            if warm_up <= step < warm_up + steps:
+                plain.append(seconds)
+            elif timers.on:
+                timed.append((seconds, {k: v - before.get(k, 0.0) for k, v in timers.spent.items()}))
+    timers.on = False
+    return plain, timed
+
+
+def measure(fmt: str, lengths: list[int], methods: list[str], steps: int, model_name: str | None,
+            kv_caches: list[str] = ("model",), cache_rounds: int = 1) -> dict:
+    """Decode-step breakdowns for one weight format, in this process; each (length, method) over a cache of each
+    of `kv_caches` (kv_cache.CACHE_DTYPES; the model's own attention reads `model` only), `cache_rounds` rounds
+    taking turns, medians over all."""
     import selfextend
     from selfextend import models
-    from selfextend.transformers_compat import cache_kwargs
+    from selfextend.kv_cache import cache_dtype
     source = models.resolve(model_name)
     model = models.load_model(source, weights=fmt)  # as the commands load it (its peak RSS too)
     rows = []
@@ -146,34 +174,30 @@ def measure(fmt: str, lengths: list[int], methods: list[str], steps: int, model_
             selfextend.remove(model)
             settings = "-"
             if method == "selfextend":
-                selfextend.apply(model, input_length=n + steps + 4)
+                selfextend.apply(model, input_length=n + cache_rounds * (2 * steps + 2) + 4)
                 config = selfextend.settings(model)
                 settings = f"G={config.group_size} W={config.window_size}"
             timers = _Timers(model)
-            cache = _random_cache(model, n)
-            timers.watch_cache(cache)
-            token = torch.tensor([[1]])
-            plain, timed = [], []
-            with torch.inference_mode():
-                for step in range(2 * steps + 2):
-                    timers.on = step >= steps + 2
-                    before = dict(timers.spent)
-                    start = time.perf_counter()
-                    logits = model(token, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
-                    token = logits[:, -1].argmax(-1, keepdim=True)
-                    seconds = time.perf_counter() - start
-                    if 2 <= step < steps + 2:
-                        plain.append(seconds)
-                    elif timers.on:
-                        timed.append((seconds, {k: v - before.get(k, 0.0) for k, v in timers.spent.items()}))
+            names = [name for name in kv_caches if method == "selfextend" or name == "model"]
+            caches = {name: _random_cache(model, n, cache_dtype(name, model.dtype, model.device)) for name in names}
+            runs = {name: ([], []) for name in names}
+            for cache in caches.values():
+                timers.watch_cache(cache)
+            for round in range(cache_rounds):
+                for name, cache in caches.items():
+                    plain, timed = _steps(model, timers, cache, steps, 2 if round == 0 else 0)
+                    runs[name][0].extend(plain)
+                    runs[name][1].extend(timed)
             timers.close()
-            step_ms = statistics.median(plain) * 1e3
-            timed_ms = statistics.median(s for s, _ in timed) * 1e3
-            parts = {part: statistics.median(p.get(part, 0.0) for _, p in timed) * 1e3
-                     for part in ("linear", "attention", "cache")}
-            rows.append({"format": fmt, "tokens": n, "method": method, "settings": settings, "step_ms": step_ms,
-                         "tok_s": 1e3 / step_ms, **{f"{k}_ms": v for k, v in parts.items()},
-                         "other_ms": timed_ms - sum(parts.values()), "timed_step_ms": timed_ms})
+            for name, (plain, timed) in runs.items():
+                step_ms = statistics.median(plain) * 1e3
+                timed_ms = statistics.median(s for s, _ in timed) * 1e3
+                parts = {part: statistics.median(p.get(part, 0.0) for _, p in timed) * 1e3
+                         for part in ("linear", "attention", "cache")}
+                rows.append({"format": fmt, "tokens": n, "method": method, "kv_cache": name, "settings": settings,
+                             "step_ms": step_ms, "tok_s": 1e3 / step_ms, **{f"{k}_ms": v for k, v in parts.items()},
+                             "other_ms": timed_ms - sum(parts.values()), "timed_step_ms": timed_ms})
+            del caches
     return {"format": fmt, "weight_bytes": weight_bytes(model), "rows": rows,
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -224,6 +248,10 @@ def main() -> None:
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--before", metavar="CHECKOUT", help="compare with an older checkout, rounds alternating")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each side for --before")
+    parser.add_argument("--kv-cache-dtypes", default="model",
+                        help="KV caches to compare, e.g. model,float16 (float16: SelfExtend rows only)")
+    parser.add_argument("--cache-rounds", type=int, default=1,
+                        help="rounds the caches take turns in, medians over all (3 or more to compare caches)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,7 +260,8 @@ def main() -> None:
         print(json.dumps({"gb_s": read_bandwidth()}))
         return
     if args.one:
-        print(json.dumps(measure(args.one, lengths, methods, args.steps, args.model)))
+        print(json.dumps(measure(args.one, lengths, methods, args.steps, args.model, args.kv_cache_dtypes.split(","),
+                                 args.cache_rounds)))
         return
 
     if args.before:
@@ -247,19 +276,21 @@ def main() -> None:
         anchor = llama_bench(args.llama_bench, str(gguf), lengths, args.threads)
     results = []
     for fmt in args.formats.split(","):
-        argv = ["--one", fmt, "--lengths", args.lengths, "--methods", args.methods, "--steps", str(args.steps)]
+        argv = ["--one", fmt, "--lengths", args.lengths, "--methods", args.methods, "--steps", str(args.steps),
+                "--kv-cache-dtypes", args.kv_cache_dtypes, "--cache-rounds", str(args.cache_rounds)]
         results.append(in_fresh_process(__file__, argv + (["--model", args.model] if args.model else [])))
 
     print(f"read bandwidth {gb_s:.1f} GB/s" + (f"; llama.cpp decode tok/s by depth: {anchor}" if anchor else ""))
-    print(f"{'format':8} {'tokens':>6} {'method':10} {'settings':12} {'tok/s':>6} {'x llama':>7} {'step':>6} "
-          f"{'linear':>6} {'floor':>6} {'attn':>6} {'cache':>6} {'other':>6}  (ms)")
+    print(f"{'format':8} {'tokens':>6} {'method':10} {'cache':7} {'settings':12} {'tok/s':>6} {'x llama':>7} "
+          f"{'step':>6} {'linear':>6} {'floor':>6} {'attn':>6} {'update':>6} {'other':>6}  (ms)")
     for result in results:
         floor_ms = result["weight_bytes"] / gb_s / 1e6
         result["weights_floor_ms"] = floor_ms
         for row in result["rows"]:
             ratio = row["tok_s"] / anchor[row["tokens"]] if row["tokens"] in anchor else float("nan")
             row["x_llama_cpp"] = ratio
-            print(f"{row['format']:8} {row['tokens']:>6} {row['method']:10} {row['settings']:12} {row['tok_s']:6.1f} "
+            print(f"{row['format']:8} {row['tokens']:>6} {row['method']:10} {row.get('kv_cache', 'model'):7} "
+                  f"{row['settings']:12} {row['tok_s']:6.1f} "
                   f"{ratio:7.2f} {row['step_ms']:6.1f} {row['linear_ms']:6.1f} {floor_ms:6.1f} "
                   f"{row['attention_ms']:6.1f} {row['cache_ms']:6.1f} {row['other_ms']:6.1f}")
         print(f"{result['format']}: {result['weight_bytes'] / 1e6:.0f} MB of linear weights per step, "

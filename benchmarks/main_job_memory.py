@@ -55,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample-tokens", type=int, default=40000)
     parser.add_argument("--weights", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--json", help="also write the rows here")
     options = parser.parse_args()
     mark("start")
@@ -68,10 +69,12 @@ def main() -> None:
     marked(cli, "_load_model", f"model loaded ({options.weights} weights)")
     marked(inference, "prefill", "prefill")
     marked(inference, "answer", "answer (new tokens)", trim=True)
-    cli.main(["generate", "--sample-tokens", str(options.sample_tokens), "--weights", options.weights])
+    cli.main(["generate", "--sample-tokens", str(options.sample_tokens), "--weights", options.weights,
+              "--kv-cache-dtype", options.kv_cache_dtype])
     if options.json:
         with open(options.json, "w") as out:
-            json.dump({"sample_tokens": options.sample_tokens, "weights": options.weights, "rows": ROWS}, out, indent=1)
+            json.dump({"sample_tokens": options.sample_tokens, "weights": options.weights,
+                       "kv_cache_dtype": options.kv_cache_dtype, "rows": ROWS}, out, indent=1)
 
 
 if __name__ == "__main__":

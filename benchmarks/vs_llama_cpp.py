@@ -33,10 +33,11 @@ def _timed(command: list[str]) -> tuple[str, str, float]:
     return done.stdout, done.stderr, int(peak[-1]) / 1e6
 
 
-def ours(document: Path, question: str, new_tokens: int, weights: str) -> dict:
+def ours(document: Path, question: str, new_tokens: int, weights: str, kv_cache_dtype: str) -> dict:
     """`selfextend generate` on the document: what its last lines report."""
     out, err, peak = _timed([sys.executable, "-m", "selfextend", "generate", "--input", str(document), "--prompt",
-                             question, "--max-new-tokens", str(new_tokens), "--weights", weights, "--quiet"])
+                             question, "--max-new-tokens", str(new_tokens), "--weights", weights,
+                             "--kv-cache-dtype", kv_cache_dtype, "--quiet"])
     found = re.search(rf"prefill (\d+) tokens in {NUMBER}s \(\d+ tok/s\); (\d+) new tokens in {NUMBER}s", err)
     plan = re.search(r"(G=\d+, W=\d+|STRING[^;,(]*|vanilla)", err)
     if found is None:
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="16000", help="comma-separated document lengths (the main job: 40000)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--weights", default="auto", help="our weight format (generate's --weights)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="our KV cache (generate's --kv-cache-dtype)")
     parser.add_argument("--llama-args", default="", help="extra llama-completion flags, one string")
     parser.add_argument("--json", help="also write the rows here")
     options = parser.parse_args()
@@ -84,7 +86,7 @@ def main() -> None:
             document, prompt = Path(folder, "document.txt"), Path(folder, "prompt.txt")
             document.write_text(sample.text)
             prompt.write_text(f"{sample.text.strip()}\n\n{sample.question}")  # what generate builds from both
-            pair = [ours(document, sample.question, options.new_tokens, options.weights),
+            pair = [ours(document, sample.question, options.new_tokens, options.weights, options.kv_cache_dtype),
                     llama(options.llama_completion, gguf, prompt, tokens + options.new_tokens + 256,
                           options.new_tokens, options.llama_args.split())]
             for row in pair:
@@ -99,6 +101,7 @@ def main() -> None:
                   f"peak RSS {pair[0]['peak_gb'] / pair[1]['peak_gb']:.2f}x", flush=True)
     if options.json:
         Path(options.json).write_text(json.dumps({"new_tokens": options.new_tokens, "weights": options.weights,
+                                                  "kv_cache_dtype": options.kv_cache_dtype,
                                                   "llama_args": options.llama_args, "rows": rows}, indent=1))
 
 
