@@ -382,7 +382,8 @@ KV_CACHE_HELP = ("what the KV cache stores keys and values in: model (the model'
 def _add_kv_cache_option(parser: argparse.ArgumentParser, default: str = "auto",
                          choices: tuple[str, ...] = CACHE_DTYPES) -> None:
     """--kv-cache-dtype, for the commands whose every run reads the cache through SelfExtend's attention."""
-    parser.add_argument("--kv-cache-dtype", default=default, choices=choices, help=f"{KV_CACHE_HELP} (default {default})")
+    parser.add_argument("--kv-cache-dtype", default=default, choices=choices,
+                        help=f"{KV_CACHE_HELP} (default {default})")
 
 
 def _add_run_options(parser: argparse.ArgumentParser, quiet: bool = True, weights: str = AUTO) -> None:

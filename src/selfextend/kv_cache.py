@@ -27,13 +27,18 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 CACHE_DTYPES = ("auto", "model", "float16")  # what --kv-cache-dtype may say
 
 
+def check_cache_dtype(name: str) -> str:
+    """`name` if `--kv-cache-dtype` may say it, else a clear error."""
+    if name not in CACHE_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {name!r}: choose one of {', '.join(CACHE_DTYPES)}")
+    return name
+
+
 def cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype | None:
     """What a KV cache stores for `--kv-cache-dtype name` with a model of `model_dtype` on `device` (None: the
     model's dtype): the one decision. float16 is for float32 models on CPU, where SelfExtend's blockwise
     attention reads it; auto chooses it there and the model's dtype elsewhere; model never converts."""
-    if name not in CACHE_DTYPES:
-        raise ValueError(f"unknown KV cache dtype {name!r}: choose one of {', '.join(CACHE_DTYPES)}")
-    if name == "model":
+    if check_cache_dtype(name) == "model":
         return None
     if model_dtype != torch.float32 or torch.device(device).type != "cpu":
         if name == "auto":
@@ -155,6 +160,10 @@ class SlidingLayer(_Stored, DynamicSlidingWindowLayer):
     _key_buffer: torch.Tensor | None = None
     _value_buffer: torch.Tensor | None = None
 
+    def __init__(self, sliding_window: int, storage: torch.dtype | None = None) -> None:
+        super().__init__(sliding_window=sliding_window)
+        self.storage = storage
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self.check_range(key_states, value_states)
         if getattr(self, "record_past", False):  # kept whole until a crop (assisted decoding): transformers' way
@@ -187,8 +196,7 @@ def new_cache(config: PretrainedConfig, capacity: int | None = None, dtype: torc
         if type(layer) is DynamicLayer:
             cache.layers[index] = GrowingLayer(capacity, dtype)
         elif type(layer) is DynamicSlidingWindowLayer:
-            cache.layers[index] = SlidingLayer(sliding_window=layer.sliding_window)
-            cache.layers[index].storage = dtype
+            cache.layers[index] = SlidingLayer(layer.sliding_window, dtype)
         elif dtype is not None:
             raise ValueError(f"a {type(layer).__name__} cache layer cannot store {dtype}: only full and sliding "
                              f"attention layers can")

@@ -44,7 +44,7 @@ def _local_headers(source: Path) -> list[Path]:
     found: list[Path] = []
     for name in re.findall(r'^#include "([^"]+)"', source.read_text(), re.M):
         header = (source.parent / name).resolve()
-        found += [header, *(h for h in _local_headers(header) if h not in found)]
+        found += [h for h in (header, *_local_headers(header)) if h not in found]
     return found
 
 

@@ -54,8 +54,9 @@ def available() -> bool:
 def attend_few(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """As `partial.attend` without causality: query [b, hq, n, d] over key/value [b, hkv, m, d] on CPU, the query
-    float32, keys and values float32 or float16 (read as their exact float32 values), mask bool broadcastable to [b, 1, n, m]. Returns (output [b, hq, n, d], lse [b, hq, n]); a row that sees
-    no key gets output 0 and lse -inf."""
+    float32, keys and values float32 or float16 (read as their exact float32 values), mask bool broadcastable to
+    [b, 1, n, m]. Returns (output [b, hq, n, d], lse [b, hq, n]); a row that sees no key gets output 0 and lse
+    -inf."""
     b, hq, n, d = query.shape
     query, key, value = _checked(query, key, value)
     m = key.shape[2]

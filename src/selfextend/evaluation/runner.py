@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import training_length
 from ..inference import respond
-from ..kv_cache import CACHE_DTYPES, cache_dtype
+from ..kv_cache import cache_dtype, check_cache_dtype
 from ..positions import POSITION_MAPS
 from ..samples import token_counter
 from .methods import TRUNCATED, Method, applied
@@ -58,8 +58,7 @@ class Evaluation:
             raise ValueError("give at least one method")
         if self.task != PERPLEXITY and any(m.name == TRUNCATED for m in self.methods):
             raise ValueError(f"{TRUNCATED} scores perplexity only; {self.task} needs the model to read the whole input")
-        if self.kv_cache_dtype not in CACHE_DTYPES:
-            raise ValueError(f"unknown KV cache dtype {self.kv_cache_dtype!r}: choose one of {', '.join(CACHE_DTYPES)}")
+        check_cache_dtype(self.kv_cache_dtype)
         plain = [m.spec for m in self.methods if m.name not in POSITION_MAPS]
         if self.kv_cache_dtype != "model" and plain:
             raise ValueError(f"a {self.kv_cache_dtype} KV cache is read by SelfExtend's attention only, and "
