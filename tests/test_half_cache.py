@@ -76,8 +76,9 @@ def test_selfextend_attention_over_a_float16_cache_is_attention_over_its_widened
 
 
 def test_a_float16_cache_stores_half_and_decodes_on_the_native_kernel(monkeypatch):
-    """Every layer (sliding ones too) stores float16; a decode step reads it in the native kernel, never by
-    widening; the kept grouped keys are float16 and what rotating every step gives."""
+    """Every layer (sliding ones too) stores float16; a decode step reads it in the native kernel (a full layer's
+    two key sets in one call), never by widening; the kept grouped keys are float16 and what rotating every step
+    gives."""
     model = selfextend.apply(make_model("gemma3"), 4, 8)
     kept_off = selfextend.apply(make_model("gemma3"), 4, 8, keep_grouped_keys=False)
     ids = _ids(90)
@@ -91,12 +92,20 @@ def test_a_float16_cache_stores_half_and_decodes_on_the_native_kernel(monkeypatc
         raise AssertionError("a decode step widened the float16 cache instead of reading it natively")
 
     monkeypatch.setattr(partial, "_widened", widened)
+    calls, two = [], few_native.attend_two
+    monkeypatch.setattr(few_native, "attend_two",
+                        lambda first, second, scale: calls.append((first[1].dtype, second[1].dtype))
+                        or two(first, second, scale))
     with torch.inference_mode():
         for token in (5, 7, 9):
             step = torch.tensor([[token]])
             got = model(step, **cache_kwargs(model, cache), use_cache=True).logits
+            calls_of_model = len(calls)
             expected = kept_off(step, **cache_kwargs(kept_off, fresh), use_cache=True).logits
+            del calls[calls_of_model:]
             torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    full_layers = sum(not layer.is_sliding for layer in cache.layers)
+    assert calls == [(torch.float16, torch.float16)] * full_layers * 3  # one call a full layer a step, both sets
     state = next(m for m in model.modules() if hasattr(m, "selfextend_state")).selfextend_state
     held = [kept.buffer for kept in state.kept.values() if kept.buffer is not None]  # full layers' only
     assert held and {buffer.dtype for buffer in held} == {torch.float16}
