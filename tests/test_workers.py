@@ -82,6 +82,16 @@ def test_autograd_tracing_one_thread_other_devices_and_a_quiet_machine_run_in_or
     assert workers.workers_for(torch.zeros(1)) == 1
 
 
+def test_a_process_whose_threads_another_places_runs_blocks_in_order(monkeypatch, busy):
+    """vLLM's CPU worker binds torch's threads and refuses to change their count: there the workers never run."""
+    monkeypatch.setattr(workers, "_threads_placed_by", None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert workers.workers_for(torch.zeros(1)) == 2
+    workers.leave_threads_alone("vLLM's CPU worker")
+    assert workers.workers_for(torch.zeros(1)) == 1
+
+
 @several_cores
 def test_a_block_task_that_runs_blocks_runs_them_in_order_on_its_own_worker(busy):
     seen = []

@@ -7,8 +7,9 @@ REQUEST: {"engine": {LLM keyword arguments}, "rounds": [[prompt token ids, ...],
 Each round is one `generate` call (its prompts run concurrently, continuously batched); rounds run one after
 another on the same engine, so a later round can hit the prefix cache of an earlier one. OUT: {"rounds":
 [[{"tokens", "logprobs", "cached"}, ...], ...], "keys_rotated": [per SelfExtend layer, keys it rotated],
-"kernel_calls": [per SelfExtend layer, {kernel: calls}], "preemptions": requests
-preempted (null unless the engine logs stats)}.
+"kernel_calls": [per SelfExtend layer, {kernel: calls}], "threads_placed_by": who places the worker's threads
+for SelfExtend's block workers (null: none), "preemptions": requests preempted (null unless the engine logs
+stats)}.
 """
 
 import json
@@ -22,8 +23,12 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine and worke
 def counts(model) -> dict[str, list]:
     """Per SelfExtend layer (sliding and plain layers have no counts): keys it rotated to grouped positions, and
     calls per kernel it took."""
+    from selfextend.attention import workers
+
     impls = [module.impl for module in model.modules() if hasattr(getattr(module, "impl", None), "keys_rotated")]
-    return {"keys_rotated": [impl.keys_rotated for impl in impls], "kernel_calls": [dict(impl.kernel_calls) for impl in impls]}
+    return {"keys_rotated": [impl.keys_rotated for impl in impls],
+            "kernel_calls": [dict(impl.kernel_calls) for impl in impls],
+            "threads_placed_by": workers.threads_placed_by()}
 
 
 def preemptions(llm) -> int | None:

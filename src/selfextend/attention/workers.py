@@ -7,7 +7,9 @@ quiet machine (docs/results.md, "On a busy machine"). Whole blocks per worker ne
 by a competitor takes fewer blocks. On a quiet machine the workers cost prefill speed (small calls handed to a
 thread) and memory (each thread's allocator arena), so they run only while this process's threads are seen
 waiting for a core: their run-queue delay (Linux's /proc/self/task/*/schedstat) since the last look is more
-than `BUSY` of the time passed. Never under autograd or torch.compile, nor with one core for this thread.
+than `BUSY` of the time passed. Never under autograd or torch.compile, nor with one core for this thread, nor in
+a process whose threads someone else places (`leave_threads_alone`: vLLM's CPU worker binds torch's threads to
+cores and refuses to change their count).
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ class Contention:
 
 
 contention = Contention()
+_threads_placed_by: str | None = None  # who places this process's threads, if not torch (then no workers run)
+
+
+def leave_threads_alone(owner: str) -> None:
+    """From now on run every call's blocks in order on the calling thread: `owner` places this process's threads
+    and sets their count (vLLM's CPU worker), so the workers, which set it to one each, must not run."""
+    global _threads_placed_by
+    _threads_placed_by = owner
+
+
+def threads_placed_by() -> str | None:
+    """Who places this process's threads (`leave_threads_alone`), or None: torch, and the workers may run."""
+    return _threads_placed_by
 
 
 def _mark_worker() -> None:
@@ -80,7 +95,7 @@ def workers_for(like: torch.Tensor) -> int:
     call without autograd or tracing, torch uses several threads, this thread may run on that many cores, and
     the process is competing for them."""
     if like.device.type != "cpu" or (torch.is_grad_enabled() and like.requires_grad) \
-            or torch.compiler.is_compiling() or getattr(_local, "worker", False):
+            or torch.compiler.is_compiling() or getattr(_local, "worker", False) or _threads_placed_by is not None:
         return 1
     count = min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
     return count if count > 1 and contention.look() else 1

@@ -18,22 +18,24 @@ blockwise kernel, over their gathered keys.
 from __future__ import annotations
 
 import functools
+import os
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from vllm import envs
 from vllm.config import get_current_vllm_config
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadataBuilder)
 
-from ..attention import KVLayout, grouped_key_count, resolve_backend, resolve_geometry
+from ..attention import KVLayout, grouped_key_count, resolve_backend, resolve_geometry, workers
 from ..attention.paged import PagedPlan, paged_attention, paged_plan
 from ..attention.paged_native import NATIVE_KEYS, NativeStep, library, native_paged_attention, native_step, write_grouped_keys
 from ..errors import NativeBuildError
 from ..rotary import GroupedRotation, rotate
-from .settings import SelfExtendVLLMError, engine_settings
+from .settings import SelfExtendVLLMError, cores_note, engine_settings
 
 logger = init_logger("vllm.selfextend")  # under "vllm", whose handlers vLLM configures
 READABLE_LAYOUTS = ("vec", "vec16")  # KV-cache layouts whose keys this module reads (K transposed per block)
@@ -168,6 +170,14 @@ def native_kernel_problem(dtype: torch.dtype) -> str | None:
     return problem
 
 
+@functools.cache
+def warn_about_cores() -> None:
+    """Once per worker: say so when vLLM's automatic binding left the model one core of several."""
+    note = cores_note(envs.VLLM_CPU_OMP_THREADS_BIND, torch.get_num_threads(), os.cpu_count() or 1)
+    if note is not None:
+        logger.warning(note)
+
+
 @dataclass(frozen=True)
 class PagedRows:
     """Rows read in place by `paged_attention`: its plan, and which of the step's tokens are their queries."""
@@ -216,6 +226,8 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         self.kernel = resolve_backend(engine.settings.backend, torch.device("cpu"))
         self.keep = engine.keep_grouped_keys
         self.native = native_kernel_problem(vllm_config.model_config.dtype) is None
+        warn_about_cores()
+        workers.leave_threads_alone("vLLM's CPU worker")  # it binds torch's threads to cores and keeps their count
         if self.keep and kv_sharing_target_layer_name is not None:  # it never writes keys, so it cannot keep them
             self.keep = False
             logger.info("SelfExtend: a layer reading %s's KV cache rotates the grouped keys it reads at each step "
