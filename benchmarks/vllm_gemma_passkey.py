@@ -4,6 +4,9 @@ generate --sample-tokens 40000` does. Prints the plan, the answer, and the time 
 new token. Run it in vLLM's virtual environment, after the main job has converted the weights once:
 
     .venv-vllm/bin/python benchmarks/vllm_gemma_passkey.py [--tokens 40000] [--new-tokens 32]
+
+vLLM runs the model on every core this process may use, as the main job does (VLLM_CPU_OMP_THREADS_BIND, unless
+set: vLLM's own choice keeps one core for its scheduler, half of a two-core machine).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(core) for core in sorted(os.sched_getaffinity(0))))
 
 
 def main() -> None:

@@ -11,6 +11,11 @@ first row of each comparison.
 
 The model is the project's testbed (L = 128; float32), or the embedded Gemma 3 270M (L = 32768; its
 converted cache, float32), with G and W fixed alike in both servers.
+
+vLLM's CPU build binds its worker's threads to cores and, by default (`VLLM_CPU_OMP_THREADS_BIND=auto`), keeps
+one core per worker for its scheduler: on two cores the model runs on one. Both servers get the same cores here:
+vLLM's worker is bound to `--vllm-cores` (default: every core this process may run on, as our server uses);
+`--vllm-cores auto` keeps vLLM's own choice.
 """
 
 from __future__ import annotations
@@ -93,6 +98,11 @@ def run(name: str, command: list[str], model: str, rounds: list[list[list[int]]]
         process.wait(60)
 
 
+def _all_cores() -> str:
+    """The cores this process may run on, as vLLM's VLLM_CPU_OMP_THREADS_BIND lists them ("0,1,2")."""
+    return ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
+
+
 SERVERS = ("ours", "plugin", "plain-inside", "plugin-inside")  # two comparisons: past L, and inside it
 
 
@@ -113,6 +123,9 @@ def main() -> None:
                         "'--max-num-batched-tokens 8192')")
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help=f"which servers run, in this order's pairs: {','.join(SERVERS)} (default: all)")
+    parser.add_argument("--vllm-cores", default=_all_cores(),
+                        help="VLLM_CPU_OMP_THREADS_BIND for both vLLM servers (default: every core this process "
+                             "may use, %(default)s; 'auto': vLLM's choice, one core kept for its scheduler)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     chosen = args.servers.split(",")
@@ -131,6 +144,7 @@ def main() -> None:
     if args.inside + args.max_tokens > train:
         raise SystemExit(f"--inside {args.inside} + {args.max_tokens} new tokens is past L = {train}")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = space
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_cores
     generator = torch.Generator().manual_seed(0)
 
     def documents(length: int) -> list[list[list[int]]]:
