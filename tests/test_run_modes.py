@@ -90,8 +90,9 @@ def test_unused_static_slots_are_never_attended():
 
 # --- torch.compile ----------------------------------------------------------------------------------------
 
-GRAPH_BREAKS = 49  # measured: 50 graphs (2 layers, 40 tokens, 2 blocks of 32, each block a call of its own since
-# the busy-machine workers: 41 before); data-dependent Python ints break them
+GRAPH_BREAKS = 34  # measured: 35 graphs (2 layers, 40 tokens, 2 blocks of 32, each block a call of its own since
+# the busy-machine workers: 50; 35 since traced calls take their grouped angles from the positions, not from kept
+# blocks they would guard on); data-dependent Python ints break them
 
 
 def _compiled(fn):
@@ -204,7 +205,7 @@ def test_rotation_tables_follow_the_input_device_and_dtype():
     assert rotation(x.to(torch.bfloat16), positions, "key").dtype == torch.bfloat16
     on_meta = rotation(x.to("meta"), positions, "key")  # a second device: its tables are built there
     assert on_meta.device.type == "meta" and on_cpu.device.type == "cpu"
-    assert {device.type for _, device in rotation._tables} == {"cpu", "meta"}
+    assert {device.type for _, device in rotation._blocks} == {"cpu", "meta"}
 
 
 @torch.no_grad()

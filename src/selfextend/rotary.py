@@ -49,17 +49,24 @@ def _rotate_half_reference(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+TABLE_BLOCK = 4096  # positions per block of cos/sin tables: built a block at a time, each always over the same
+# positions, so a position's angles are the same bits whichever call first asks for them
+KEPT_BLOCKS = 2  # blocks `angles` keeps per kind and device (a chunk's, a decode step's): O(block), not O(length)
+
+
 class GroupedRotation:
     """Moves queries and keys from their own RoPE positions to the far pass's ones (positions.py's map).
 
-    The shift depends only on the position, so cos/sin tables by position are built once per model and
-    device (layers split over devices each get their device's tables, rebuilt if the inverse
-    frequencies change) instead of at every layer and step.
+    The shift depends only on the position, so its cos/sin are built in blocks of `TABLE_BLOCK` positions, per
+    model and device (layers split over devices each get their device's, rebuilt if the inverse frequencies
+    change), instead of at every layer and step. `angles` keeps the last few blocks only: a table for every
+    position up to 40K would hold 134 MB for a head of 256, and its rebuild past 32K briefly twice that.
     """
 
     def __init__(self, group_size: int, window_size: int, rope: "RopeSource", offset: int | None = None) -> None:
         self.group_size, self.window_size, self.rope = group_size, window_size, rope
         self.offset = offset  # the far pass's query offset c; None: SelfExtend's W - floor(W/G)
+        self._blocks: dict[tuple[str, torch.device], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # in use order
         self._tables: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._inv_freq: torch.Tensor | None = None
 
@@ -72,30 +79,61 @@ class GroupedRotation:
             return grouped_query_position(positions, self.group_size, self.window_size, self.offset) - positions
         return grouped_key_position(positions, self.group_size) - positions
 
-    def table(self, kind: str, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [≥ size, d/2] by position, moving a `kind` vector rotated there to its grouped position."""
+    def _current(self) -> torch.Tensor:
+        """The inverse frequencies, after dropping every block built from others (dynamic RoPE changes them)."""
         inv_freq = self.inv_freq
         if self._inv_freq is None or not torch.equal(self._inv_freq, inv_freq.to(self._inv_freq.device)):
-            self._tables, self._inv_freq = {}, inv_freq.clone()
-        cos, sin = self._tables.get((kind, device), (inv_freq.new_empty(0, 1), None))
+            self._blocks, self._tables, self._inv_freq = {}, {}, inv_freq.clone()
+        return inv_freq
+
+    def _block(self, kind: str, index: int, device: torch.device, inv_freq: torch.Tensor):
+        """cos/sin [TABLE_BLOCK, d/2] of positions index·TABLE_BLOCK up to the next block."""
+        positions = torch.arange(index * TABLE_BLOCK, (index + 1) * TABLE_BLOCK, device=device)
+        return rotation_tables(self._shift(kind, positions), inv_freq.to(device))
+
+    def _span(self, kind: str, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [stop - start, d/2] of positions start..stop, from the kept blocks (built where missing)."""
+        inv_freq = self._current()
+        kept = self._blocks.setdefault((kind, device), {})
+        first = start // TABLE_BLOCK
+        blocks = []
+        for index in range(first, (stop - 1) // TABLE_BLOCK + 1):
+            block = kept.pop(index, None) or self._block(kind, index, device, inv_freq)
+            kept[index] = block  # the most recently used last
+            blocks.append(block)
+        while len(kept) > KEPT_BLOCKS:
+            del kept[next(iter(kept))]
+        rows = slice(start - first * TABLE_BLOCK, stop - first * TABLE_BLOCK)
+        if len(blocks) == 1:
+            return blocks[0][0][rows], blocks[0][1][rows]
+        return torch.cat([cos for cos, _ in blocks])[rows], torch.cat([sin for _, sin in blocks])[rows]
+
+    def table(self, kind: str, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [≥ size, d/2] of every position from 0, for a kernel that looks positions up itself (the vLLM
+        plugin's paged one); kept per kind and device, grown by doubling, a block at a time."""
+        inv_freq = self._current()
+        cos, sin = self._tables.get((kind, device), (inv_freq.new_empty(0, 1), inv_freq.new_empty(0, 1)))
         if cos.shape[0] < size:
-            size = max(size, 2 * cos.shape[0], 4096)
-            positions = torch.arange(size, device=device)
-            cos, sin = rotation_tables(self._shift(kind, positions), inv_freq.to(device))
+            have = cos.shape[0] // TABLE_BLOCK
+            blocks = [self._block(kind, index, device, inv_freq)
+                      for index in range(have, -(-max(size, 2 * cos.shape[0]) // TABLE_BLOCK))]
+            cos = torch.cat(([cos] if have else []) + [c for c, _ in blocks])
+            sin = torch.cat(([sin] if have else []) + [s for _, s in blocks])
             self._tables[(kind, device)] = (cos, sin)
         return cos, sin
 
     def angles(self, positions: torch.Tensor, kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [b, n, d/2] moving vectors at `positions` [b, n] to their grouped `kind` positions."""
-        first = positions[:, 0]
-        n = positions.shape[1]
-        if positions.shape[0] == 1 and int(first[0]) >= 0:  # one row: a view into the table
-            start = int(first[0])
-            cos, sin = self.table(kind, start + n, device)
-            return cos[start:start + n][None], sin[start:start + n][None]
+        if torch.compiler.is_compiling():  # traced: from the positions themselves, no kept blocks to guard on
+            return rotation_tables(self._shift(kind, positions.clamp_min(0).to(device)), self.inv_freq.to(device))
+        if positions.shape[0] == 1 and int(positions[0, 0]) >= 0:  # one row of consecutive positions
+            start = int(positions[0, 0])
+            cos, sin = self._span(kind, start, start + positions.shape[1], device)
+            return cos[None], sin[None]
         index = positions.clamp_min(0).to(device)  # padded positions (< 0) are masked later: any angle will do
-        cos, sin = self.table(kind, int(index.max()) + 1, device)
-        return cos[index], sin[index]
+        low = int(index.min())
+        cos, sin = self._span(kind, low, int(index.max()) + 1, device)
+        return cos[index - low], sin[index - low]
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str) -> torch.Tensor:
         """Rotate x [b, h, n, d] (at `positions` [b, n], contiguous per row) to its grouped `kind` positions.
