@@ -113,6 +113,20 @@ def test_local_attention_matches_oracle(n_queries, n_keys, kv_offset, pads):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_sliding_layers_decode_step_is_one_call_with_the_blocked_paths_bits(dtype):
+    """One query takes its window's keys in one call: the bits the blocked path's single piece gives."""
+    torch.manual_seed(3)
+    window, n_keys = 12, 30
+    layout = KVLayout(n_keys - 1, 0, None, window)
+    geometry = resolve_geometry(layout, torch.arange(n_keys)[None, -1:], 1, 1, n_keys, torch.device("cpu"))
+    q = torch.randn(1, 4, 1, 16)
+    k, v = (torch.randn(1, 2, n_keys, 16).to(dtype) for _ in range(2))
+    blocked = q.new_empty(1, 1, 4, 16)
+    blockwise._attend_block(blocked, q, k, v, geometry, 0, window, 0.3, 1)
+    assert torch.equal(blockwise.local_attention(q, k, v, geometry, window, 0.3), blocked)
+
+
 def test_merge_of_split_keys_is_exact():
     torch.manual_seed(2)
     q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)

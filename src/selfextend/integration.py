@@ -51,7 +51,9 @@ def _find_kept_keys(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state: _State | None = getattr(module, _STATE, None)
     kept = None
     layer = cache_layer(given_cache(kwargs), module.layer_idx)
-    if state is not None and state.keep_grouped_keys and layer is not None and not torch.compiler.is_compiling():
+    sliding = getattr(layer, "is_sliding", False)  # a sliding-window layer's attention groups no keys
+    if state is not None and state.keep_grouped_keys and layer is not None and not sliding \
+            and not torch.compiler.is_compiling():
         kept = state.kept.get(layer)
         if kept is None or not kept.holds(getattr(layer, "keys", None)):
             kept = state.kept[layer] = GroupedKeys(getattr(layer, "capacity", None))

@@ -12,9 +12,9 @@ The CPU kernel costs about as much per pair on a [b, b] causal tile as on a full
 three triangles wastes b²/2 pairs: small sub-blocks keep that small, large blocks keep the big calls
 efficient. Masks cost O(n·b) in all; padding or a cut at the sequence start falls back to masks.
 A single query (a decode step) takes its neighbor keys and its grouped rest in one call of the native
-kernel, which merges them itself. Memory is O(n·(b + W)) per layer, never n×n. On a CPU whose cores
-another process holds, the blocks of a call run on one single-threaded worker per core (`workers.py`), the
-costliest first.
+kernel, which merges them itself; in a sliding-window layer, its window's keys in one call. Memory is
+O(n·(b + W)) per layer, never n×n. On a CPU whose cores another process holds, the blocks of a call run on one
+single-threaded worker per core (`workers.py`), the costliest first.
 """
 
 from __future__ import annotations
@@ -117,6 +117,9 @@ def local_attention(
 ) -> torch.Tensor:
     """Causal attention limited to the last `window` keys (sliding-window layers), O(n·window). Returns [b, n, h, d]."""
     b, h, n, d = query.shape
+    if n == 1 and geometry.valid is None:  # a decode step: its window's keys in one call, no mask
+        keys = slice(max(geometry.shift - window + 1, 0), geometry.shift + 1)
+        return attend(query, key[:, :, keys], value[:, :, keys], None, scale)[0].transpose(1, 2)
     block, sub = _block_sizes(geometry, n, window, block)
     out = query.new_empty(b, n, h, d)
     run_blocks(_attend_block, [(out, query[:, :, t0:t0 + block], key, value, geometry, t0, window, scale, sub)
