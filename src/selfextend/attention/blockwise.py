@@ -117,9 +117,8 @@ def local_attention(
 ) -> torch.Tensor:
     """Causal attention limited to the last `window` keys (sliding-window layers), O(n·window). Returns [b, n, h, d]."""
     b, h, n, d = query.shape
-    if n == 1 and geometry.valid is None:  # a decode step: its window's keys in one call, no mask
-        keys = slice(max(geometry.shift - window + 1, 0), geometry.shift + 1)
-        return attend(query, key[:, :, keys], value[:, :, keys], None, scale)[0].transpose(1, 2)
+    if n == 1 and geometry.valid is None:  # a decode step: its window's keys are one piece, no mask
+        return _pieces(query, key, value, geometry, 0, window, scale)[0][0].transpose(1, 2)
     block, sub = _block_sizes(geometry, n, window, block)
     out = query.new_empty(b, n, h, d)
     run_blocks(_attend_block, [(out, query[:, :, t0:t0 + block], key, value, geometry, t0, window, scale, sub)
