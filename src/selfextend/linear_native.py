@@ -93,25 +93,27 @@ class Int8Blocks:
 
 def linear(x: torch.Tensor, weights: Int8Blocks, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] float32 times the weights [out, in], plus bias [out]: [..., out] float32."""
+    # a decode step makes 127 of these calls: every torch call here is counted (a shape passed as a torch.Size
+    # costs as much as the C call's own overhead)
     out_rows, inputs = weights.rows.shape
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != inputs:
+    if x.dtype != torch.float32 or not x.is_cpu or x.shape[-1] != inputs:
         raise TypeError(f"int8 weights [{out_rows}, {inputs}] take float32 CPU inputs of {inputs} features, got "
                         f"{x.dtype} on {x.device} of {x.shape[-1]}")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_rows,) or not bias.is_contiguous()):
         raise ValueError(f"bias must be contiguous float32 [{out_rows}], got {bias.dtype} {tuple(bias.shape)}")
-    flat = x.reshape(-1, inputs)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    tokens = flat.shape[0]
-    out = torch.empty(tokens, out_rows)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    tokens = x.numel() // inputs
+    out = torch.empty(*x.shape[:-1], out_rows)
     if tokens <= NATIVE_TOKENS:
-        library().se_linear_int8(flat.data_ptr(), tokens, flat.stride(0), weights.rows.data_ptr(),
-                                 weights.scale.data_ptr(), out_rows, inputs,
-                                 None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0))
-        return out.view(*x.shape[:-1], out_rows)
+        library().se_linear_int8(x.data_ptr(), tokens, inputs, weights.rows.data_ptr(), weights.scale.data_ptr(),
+                                 out_rows, inputs, None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                 out_rows)
+        return out
+    flat, flat_out = x.view(tokens, inputs), out.view(tokens, out_rows)
     step = max(1, WIDEN_BYTES // (4 * inputs))
     for start in range(0, out_rows, step):
-        out[:, start:start + step] = flat @ weights.widen(start, start + step).T
+        flat_out[:, start:start + step] = flat @ weights.widen(start, start + step).T
     if bias is not None:
-        out += bias
-    return out.view(*x.shape[:-1], out_rows)
+        flat_out += bias
+    return out

@@ -78,9 +78,10 @@ class PackedLinear(nn.Module):
 
     def _blocks(self) -> Int8Blocks:
         """The int8 buffers as `Int8Blocks`, checked once, not at every call (again if a move replaced them)."""
-        if self._checked is None or self._checked.rows is not self.rows or self._checked.scale is not self.scale:
-            self._checked = Int8Blocks(self.rows, self.scale)
-        return self._checked
+        buffers, checked = self._buffers, self._checked  # not nn.Module's attribute lookup: 127 calls a step
+        if checked is None or checked.rows is not buffers["rows"] or checked.scale is not buffers["scale"]:
+            checked = self._checked = Int8Blocks(buffers["rows"], buffers["scale"])
+        return checked
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
