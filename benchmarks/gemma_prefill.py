@@ -1,6 +1,6 @@
 """Prefill speed of the embedded Gemma 3 270M: vanilla (SDPA) against SelfExtend, tokens per second.
 
-The same loop `selfextend generate` runs (inference.prefill, 2048-token chunks over a DynamicCache), on
+The same loop `selfextend generate` runs (inference.prefill, its chunks over a DynamicCache), on
 a passkey document of the given length, with G and W planned as `generate` plans them. Each measurement
 runs in a fresh process; the methods alternate within each round. `--before DIR` adds an older
 checkout's SelfExtend (its src/ first on PYTHONPATH) to every round.
@@ -56,10 +56,13 @@ def _in_process(tokens: int, method: str, chunk_size: int, before: str | None, w
 
 
 def main() -> None:
+    from selfextend.inference import CHUNK_SIZE
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="32768,65536", help="comma-separated document lengths")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per length (methods alternate in each)")
-    parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="prefill tokens per forward pass "
+                        "(default: generate's)")
     parser.add_argument("--before", help="an older checkout (git worktree) whose SelfExtend runs in the same rounds")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--busy", action="store_true",

@@ -15,6 +15,7 @@ import torch
 from . import models
 from .config import CHOICES, FLAGS, check_request, training_length
 from .errors import CommandError, NativeBuildError, UnsupportedModelError
+from .inference import CHUNK_SIZE
 from .integration import apply_plan
 from .kv_cache import CACHE_DTYPES, cache_dtype
 from .planning import Plan, find_profile, resolve, uses_profile
@@ -388,7 +389,8 @@ def _add_kv_cache_option(parser: argparse.ArgumentParser, default: str = "auto",
 
 def _add_run_options(parser: argparse.ArgumentParser, quiet: bool = True, weights: str = AUTO) -> None:
     """Options of every command that runs the model; `weights` the default format (measuring commands: dense)."""
-    parser.add_argument("--chunk-size", type=int, default=2048, help="prefill tokens per forward pass")
+    parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
+                        help=f"prefill tokens per forward pass (default {CHUNK_SIZE})")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--weights", default=weights, choices=(AUTO, *WEIGHT_FORMATS),

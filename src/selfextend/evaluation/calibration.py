@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import training_length
-from ..inference import respond
+from ..inference import CHUNK_SIZE, respond
 from ..integration import apply_plan, remove, settings
 from ..planning import Profile, model_identity, resolve
 from ..samples import token_counter
@@ -43,7 +43,7 @@ class Probes:
     tasks: tuple[str, ...] = DEFAULT_TASKS
     depths: tuple[float, ...] = DEFAULT_DEPTHS
     threshold: float = 0.9
-    chunk_size: int = 2048
+    chunk_size: int = CHUNK_SIZE
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]

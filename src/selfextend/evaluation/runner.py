@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import training_length
-from ..inference import respond
+from ..inference import CHUNK_SIZE, respond
 from ..kv_cache import cache_dtype, check_cache_dtype
 from ..positions import POSITION_MAPS
 from ..samples import token_counter
@@ -43,7 +43,7 @@ class Evaluation:
     depths: list[float] = field(default_factory=lambda: [0.5])
     samples: int = 1
     seed: int = 0
-    chunk_size: int = 2048
+    chunk_size: int = CHUNK_SIZE
     bucket: int | None = None  # perplexity: tokens per position bucket (default: training length / 8)
     options: dict = field(default_factory=dict)  # passed to the task generator, e.g. digits=10
     effective_length: int | None = None  # planned SelfExtend plans against this E (default: the model's profile)

@@ -22,7 +22,7 @@ from transformers import DynamicCache, PreTrainedModel, StoppingCriteria, Stoppi
 from transformers.generation.streamers import BaseStreamer
 
 from ..config import FLAGS
-from ..inference import answer, pad_id, prefill, sampling
+from ..inference import CHUNK_SIZE, answer, pad_id, prefill, sampling
 from ..integration import apply_plan, settings as applied_settings
 from ..planning import Plan, Planner, planner
 from .metrics import Metrics
@@ -130,7 +130,7 @@ class Engine:
     """Owns the model and its worker thread; `submit` queues a job or raises QueueFullError."""
 
     def __init__(self, model: PreTrainedModel, tokenizer, planner: Planner, metrics: Metrics, *,
-                 chunk_size: int = 2048, max_queue: int = 16, prefix_cache_bytes: int = 2 << 30,
+                 chunk_size: int = CHUNK_SIZE, max_queue: int = 16, prefix_cache_bytes: int = 2 << 30,
                  cache_dtype: torch.dtype | None = None):
         if chunk_size < 1 or max_queue < 1:
             raise ValueError("chunk size and queue length must be positive")
