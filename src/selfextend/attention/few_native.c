@@ -67,31 +67,61 @@ static inline __attribute__((always_inline)) const void *kv_row(const void *p, i
     return (const char *)p + row * stride * (half ? 2 : 4);
 }
 
-/* logits x[r][s] = scale · Q[r] · k_(j0 + s) for the padded rows Q [padded][d] and `count` keys; -inf where the
-   mask hides the pair and past `count`. The keys' values are prefetched meanwhile: add_values reads them a
-   column strip at a time, which the hardware prefetcher does not follow. */
+/* the logits of GROUP rows from r0 (Q [padded][d]) against keys `key` and, when `two`, `key2`, into x[r][s] and
+   x[r][s + 1]: each (row, key) sum is the same sequence of operations either way (so the same bits), but two keys
+   give eight independent sums to interleave where one gives four, which wait on their own latency */
+static inline __attribute__((always_inline)) void logits_of(const Args *A, const float *Q, const void *key,
+                                                            const void *key2, int64_t r0, int64_t s, float *x,
+                                                            const int half, const int two) {
+    const int64_t d = A->d, body = d - d % 8;
+    const float *q = Q + r0 * d;
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (int64_t c = 0; c < body; c += 8) {
+        const v8f q0 = load8(q + c), q1 = load8(q + d + c), q2 = load8(q + 2 * d + c), q3 = load8(q + 3 * d + c);
+        const v8f kv = load_kv(key, c, half);
+        a0 += q0 * kv;
+        a1 += q1 * kv;
+        a2 += q2 * kv;
+        a3 += q3 * kv;
+        if (two) {
+            const v8f kv2 = load_kv(key2, c, half);
+            b0 += q0 * kv2;
+            b1 += q1 * kv2;
+            b2 += q2 * kv2;
+            b3 += q3 * kv2;
+        }
+    }
+    float t[GROUP] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+    for (int64_t c = body; c < d; c++)
+        for (int g = 0; g < GROUP; g++) t[g] += q[g * d + c] * kv_at(key, c, half);
+    for (int g = 0; g < GROUP; g++) x[(r0 + g) * SUB + s] = t[g] * A->scale;
+    if (two) {
+        float u[GROUP] = {sum8(b0), sum8(b1), sum8(b2), sum8(b3)};
+        for (int64_t c = body; c < d; c++)
+            for (int g = 0; g < GROUP; g++) u[g] += q[g * d + c] * kv_at(key2, c, half);
+        for (int g = 0; g < GROUP; g++) x[(r0 + g) * SUB + s + 1] = u[g] * A->scale;
+    }
+}
+
+/* logits x[r][s] = scale · Q[r] · k_(j0 + s) for the padded rows Q [padded][d] and `count` keys, two keys at a time;
+   -inf where the mask hides the pair and past `count`. The keys' values are prefetched meanwhile: add_values reads
+   them a column strip at a time, which the hardware prefetcher does not follow. */
 static inline __attribute__((always_inline)) void take_logits(const Args *A, const float *Q, const void *K,
                                                               const void *V, int64_t b, int64_t j0, int64_t count,
                                                               float *x, const int half) {
-    const int64_t d = A->d, body = d - d % 8, row_bytes = d * (half ? 2 : 4);
-    for (int64_t s = 0; s < count; s++) {
-        const void *key = kv_row(K, j0 + s, A->km, half);
-        const char *value = kv_row(V, j0 + s, A->vm, half);
-        for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(value + c); /* read by add_values next */
+    const int64_t row_bytes = A->d * (half ? 2 : 4);
+    for (int64_t s = 0; s < count; s += 2) {
+        const int two = s + 1 < count;
+        const void *key = kv_row(K, j0 + s, A->km, half), *key2 = two ? kv_row(K, j0 + s + 1, A->km, half) : key;
+        for (int64_t i = 0; i <= two; i++) {
+            const char *value = kv_row(V, j0 + s + i, A->vm, half);
+            for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(value + c); /* read by add_values next */
+        }
         for (int64_t r0 = 0; r0 < A->padded; r0 += GROUP) {
-            const float *q = Q + r0 * d;
-            v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-            for (int64_t c = 0; c < body; c += 8) {
-                const v8f kv = load_kv(key, c, half);
-                a0 += load8(q + c) * kv;
-                a1 += load8(q + d + c) * kv;
-                a2 += load8(q + 2 * d + c) * kv;
-                a3 += load8(q + 3 * d + c) * kv;
-            }
-            float t[GROUP] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
-            for (int64_t c = body; c < d; c++)
-                for (int g = 0; g < GROUP; g++) t[g] += q[g * d + c] * kv_at(key, c, half);
-            for (int g = 0; g < GROUP; g++) x[(r0 + g) * SUB + s] = t[g] * A->scale;
+            if (two)
+                logits_of(A, Q, key, key2, r0, s, x, half, 1);
+            else
+                logits_of(A, Q, key, key2, r0, s, x, half, 0);
         }
     }
     for (int64_t r = 0; r < A->padded; r++)
