@@ -215,20 +215,23 @@ def compare(args) -> None:
     alternating rounds of fresh processes."""
     rows: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: {"before": [], "this": []})
     for fmt in args.formats.split(","):
-        argv = ["--one", fmt, "--lengths", args.lengths, "--methods", args.methods, "--steps", str(args.steps)]
+        argv = ["--one", fmt, "--lengths", args.lengths, "--methods", args.methods, "--steps", str(args.steps),
+                "--kv-cache-dtypes", args.kv_cache_dtypes]
         argv += ["--model", args.model] if args.model else []
         for _ in range(args.rounds):
             for side, before in (("before", args.before), ("this", None)):
                 for row in in_fresh_process(__file__, argv, before)["rows"]:
-                    rows[(fmt, row["tokens"], row["method"])][side].append(row["tok_s"])
-    print(f"{'format':8} {'tokens':>6} {'method':10} {'before tok/s':>12} {'this tok/s':>10} {'x':>5}  (medians of "
+                    rows[(fmt, row["tokens"], row["method"], row["kv_cache"])][side].append(row["tok_s"])
+    print(f"{'format':8} {'tokens':>6} {'method':10} {'cache':7} {'before tok/s':>12} {'this tok/s':>10} {'x':>5}  "
+          f"(medians of "
           f"{args.rounds} alternating rounds)")
     table = []
-    for (fmt, n, method), sides in rows.items():
+    for (fmt, n, method, kv_cache), sides in rows.items():
         before, this = statistics.median(sides["before"]), statistics.median(sides["this"])
-        table.append({"format": fmt, "tokens": n, "method": method, "before_tok_s": sides["before"],
+        table.append({"format": fmt, "tokens": n, "method": method, "kv_cache": kv_cache,
+                      "before_tok_s": sides["before"],
                       "this_tok_s": sides["this"], "ratio_of_medians": this / before})
-        print(f"{fmt:8} {n:>6} {method:10} {before:12.1f} {this:10.1f} {this / before:5.2f}   "
+        print(f"{fmt:8} {n:>6} {method:10} {kv_cache:7} {before:12.1f} {this:10.1f} {this / before:5.2f}   "
               f"before {' '.join(f'{x:.1f}' for x in sides['before'])}; "
               f"this {' '.join(f'{x:.1f}' for x in sides['this'])}")
     if args.json:
