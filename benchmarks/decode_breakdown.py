@@ -223,8 +223,7 @@ def compare(args) -> None:
                 for row in in_fresh_process(__file__, argv, before)["rows"]:
                     rows[(fmt, row["tokens"], row["method"], row["kv_cache"])][side].append(row["tok_s"])
     print(f"{'format':8} {'tokens':>6} {'method':10} {'cache':7} {'before tok/s':>12} {'this tok/s':>10} {'x':>5}  "
-          f"(medians of "
-          f"{args.rounds} alternating rounds)")
+          f"(medians of {args.rounds} alternating rounds)")
     table = []
     for (fmt, n, method, kv_cache), sides in rows.items():
         before, this = statistics.median(sides["before"]), statistics.median(sides["this"])

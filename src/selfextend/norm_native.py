@@ -57,7 +57,7 @@ class NativeNorm(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.features}, eps={self.eps}"
 
 
 def norm_scale(module: nn.Module) -> torch.Tensor | None:
