@@ -1,6 +1,7 @@
 """Lighter weight formats: each layer computes what its stored weights say, and SelfExtend adds no error of its
 own on a compressed model (it is compared with the same compressed model, vanilla and the reference oracle)."""
 
+import types
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from selfextend.identity import model_identity
 from selfextend.transformers_compat import cache_kwargs
 from selfextend import linear_native
 from selfextend.linear_native import NATIVE_TOKENS, QBLOCK, Int8Blocks
+from selfextend.sibling_products import group_siblings
 from selfextend.weights import CompactEmbedding, PackedLinear, _FilePages, check_format, compress
 from conftest import make_model
 
@@ -126,6 +128,73 @@ def test_int8_shares_a_tied_embedding_with_the_lm_head():
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     assert head.rows.data_ptr() == embedding.rows.data_ptr() and head.scale.data_ptr() == embedding.scale.data_ptr()
     assert (_logits(model, ids) - expected).abs().max() < 2e-2
+
+
+def _siblings(bias):
+    """An attention module's projections in int8, grouped as `compress` groups them: q, k and v read x, o does not."""
+    torch.manual_seed(0)
+    layers = {f"attn.{n}_proj": PackedLinear(nn.Linear(45, rows, bias=bias), "int8")
+              for n, rows in (("q", 48), ("k", 16), ("v", 16), ("o", 45))}
+    assert group_siblings(layers) == 1
+    return types.SimpleNamespace(**{name[5]: layer for name, layer in layers.items()})
+
+
+def _alone(layer, x):
+    return linear_native.linear(x, Int8Blocks(layer.rows.clone(), layer.scale.clone()), layer.bias)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tokens", [1, 3, NATIVE_TOKENS + 4])
+def test_int8_siblings_on_one_input_are_one_product_of_the_same_bits(monkeypatch, bias, tokens):
+    module = _siblings(bias)
+    assert module.q.siblings is module.k.siblings is module.v.siblings is not None and module.o.siblings is None
+    assert module.q.rows.data_ptr() == module.q.siblings.blocks.rows.data_ptr()  # views: nothing held twice
+    x = torch.randn(tokens, 45) * torch.logspace(-2, 3, tokens)[:, None]
+    expected = {name: _alone(getattr(module, name), x) for name in "qkv"}
+    calls, original = [], linear_native.linear
+
+    def counted(x, blocks, bias=None):
+        calls.append(blocks.rows.shape[0])
+        return original(x, blocks, bias)
+
+    monkeypatch.setattr(linear_native, "linear", counted)
+    rows = {"q": 48, "k": 16, "v": 16}
+    for order in ("qkv", "vqk"):
+        calls.clear()
+        for name in order:
+            assert torch.equal(getattr(module, name)(x), expected[name])
+        assert calls == ([80] if tokens <= NATIVE_TOKENS else [rows[name] for name in order])
+
+
+def test_int8_siblings_called_on_different_inputs_are_multiplied_alone_from_then_on():
+    module = _siblings(True)
+    x, y = torch.randn(1, 45), torch.randn(1, 45)
+    assert torch.equal(module.q(x), _alone(module.q, x))
+    with pytest.warns(UserWarning, match=r"int8 layers attn\.q_proj, attn\.k_proj, attn\.v_proj .* called them on different inputs"):
+        assert torch.equal(module.k(y), _alone(module.k, y))
+    assert not module.q.siblings.active
+    for name in "qkv":
+        assert torch.equal(getattr(module, name)(x), _alone(getattr(module, name), x))
+
+
+def test_int8_siblings_are_grouped_in_a_model_and_decode_the_same_bits():
+    model = compress(make_model("gemma3"), "int8")
+    groups = {id(m.siblings): m.siblings for m in model.modules() if getattr(m, "siblings", None) is not None}
+    names = sorted(name.rpartition(".")[2] for group in groups.values() for name in group.names)
+    layers = model.config.num_hidden_layers
+    assert len(groups) == 2 * layers and names == sorted(["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"] * layers)
+    ids = _ids(30)
+
+    def decode():
+        cache = DynamicCache(config=model.config)
+        _logits(model, ids[:, :20], **cache_kwargs(model, cache), use_cache=True)
+        return torch.cat([_logits(model, ids[:, i:i + 1], **cache_kwargs(model, cache), use_cache=True)
+                          for i in range(20, 30)], dim=1)
+
+    together = decode()
+    for group in groups.values():
+        group.active = False
+    assert torch.equal(decode(), together)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -28,6 +28,7 @@ from . import norm_native
 from .errors import NativeBuildError, UnsupportedModelError
 from .identity import IDENTITY_ATTRIBUTE, model_identity
 from .linear_native import Int8Blocks
+from .sibling_products import SiblingProducts, group_siblings
 
 WEIGHT_FORMATS = ("dense", "float16", "int8")
 AUTO = "auto"  # int8 where it runs (CPU, float32 compute, a C compiler to build its kernel), else dense
@@ -70,11 +71,14 @@ class PackedLinear(nn.Module):
         if x.dtype != torch.float32:
             raise TypeError(f"{self.format} weights compute in float32, got {x.dtype} input")
         if self.format == "int8":
-            return linear_native.linear(x, self._blocks(), self.bias)
+            siblings = self.siblings
+            out = None if siblings is None else siblings.product(self, x)
+            return out if out is not None else linear_native.linear(x, self._blocks(), self.bias)
         flat = x.reshape(-1, self.in_features)
         return torch.ops.quantized.linear_dynamic_fp16(flat, self.packed).reshape(*x.shape[:-1], self.out_features)
 
     _checked: Int8Blocks | None = None
+    siblings: SiblingProducts | None = None  # layers of the same parent reading the same inputs (int8)
 
     def _blocks(self) -> Int8Blocks:
         """The int8 buffers as `Int8Blocks`, checked once, not at every call (again if a move replaced them)."""
@@ -147,6 +151,8 @@ def compress(model: nn.Module, fmt: str) -> nn.Module:
 
     Every nn.Linear becomes a PackedLinear and the input embedding a CompactEmbedding; an LM head tied to the
     embedding shares its int8 blocks (float16: it gets its own packed copy). The float32 weights are released.
+    Int8 layers of one module that read the same inputs are multiplied together in a decode step
+    (`sibling_products`).
     With int8, RMSNorm layers become `norm_native.NativeNorm`s (a warning names any it does not recognise).
     The model keeps the identity of its dense weights (so their calibrated profile). A CPU float32 model only.
     """
@@ -165,9 +171,14 @@ def compress(model: nn.Module, fmt: str) -> nn.Module:
     tied = isinstance(head, nn.Linear) and head.weight.data_ptr() == embedding.weight.data_ptr()
     shared = Int8Blocks.quantize(embedding.weight.detach(), done=pages.release) if fmt == "int8" else None
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    own = {}  # int8 layers with their own blocks (not the embedding's)
     for name, module in targets:
-        _replace(model, name, PackedLinear(module, fmt, shared if tied and module is head else None))
+        packed = PackedLinear(module, fmt, shared if tied and module is head else None)
+        _replace(model, name, packed)
         pages.release(module.weight)
+        if fmt == "int8" and not (tied and module is head):
+            own[name] = packed
+    group_siblings(own)
     model.set_input_embeddings(CompactEmbedding(embedding, fmt, shared))
     pages.release(embedding.weight)
     _own_memory(model)

@@ -1,0 +1,94 @@
+"""Int8 linear layers of one module that read the same input (attention's q/k/v, an MLP's gate/up), multiplied
+in one kernel call in a decode step.
+
+A decode step's products are small: at 640 inputs a 256-row one runs at under half the machine's read bandwidth
+(the threads' start and end cost as much as the rows), and each call pays its Python wrapper. `group_siblings`
+stores such siblings' int8 rows one after another (each layer's buffers become views of its part, so nothing
+is held twice); the first of them called on an input of up to `NATIVE_TOKENS` tokens computes every sibling's
+product in one call and hands each the other parts when it is called on that same input. A row's sum is the
+same operations whatever rows share its call (`linear_native.c`), so every output is the same bits as alone.
+
+A model that calls the siblings on different inputs (or not all of them on one) gets each computed on its own
+from then on, with a warning: one product was computed for nothing, nothing else changes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from . import linear_native
+from .linear_native import NATIVE_TOKENS, Int8Blocks
+
+
+class SiblingProducts:
+    """The shared products of `members` (int8 layers with the same inputs and all or none with a bias)."""
+
+    def __init__(self, members: list[nn.Module], names: list[str]) -> None:
+        self.names = names
+        self.blocks = Int8Blocks(torch.cat([m.rows for m in members]), torch.cat([m.scale for m in members]))
+        biases = [m.bias for m in members]
+        self.bias = None if biases[0] is None else torch.cat(biases)
+        self.spans: dict[nn.Module, tuple[int, int]] = {}
+        self.views: dict[nn.Module, torch.Tensor] = {}
+        start = 0
+        for member in members:
+            end = start + member.out_features
+            member.rows, member.scale = nn.Buffer(self.blocks.rows[start:end]), nn.Buffer(self.blocks.scale[start:end])
+            self.spans[member], self.views[member] = (start, end), member._buffers["rows"]
+            start = end
+        self.active = True
+        self._input: torch.Tensor | None = None  # the input whose products wait in _waiting
+        self._waiting: dict[nn.Module, torch.Tensor] = {}
+
+    def product(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """`member`'s product of `x` from the call shared with its siblings; None where it computes alone."""
+        if not self.active or x.numel() > NATIVE_TOKENS * member.in_features or torch.compiler.is_compiling():
+            return None
+        if member._buffers["rows"] is not self.views[member]:
+            self._stop("gave it new weights")
+        elif not self._waiting:
+            out = linear_native.linear(x, self.blocks, self.bias)
+            for sibling, (start, end) in self.spans.items():
+                part = out[..., start:end]
+                self._waiting[sibling] = part if part.is_contiguous() else part.contiguous()
+            self._input = x
+            return self._waiting.pop(member)
+        elif x is self._input and member in self._waiting:
+            out = self._waiting.pop(member)
+            if not self._waiting:
+                self._input = None
+            return out
+        else:
+            self._stop("called them on different inputs")
+        return None
+
+    def _stop(self, why: str) -> None:
+        self.active, self._input, self._waiting = False, None, {}
+        warnings.warn(f"int8 layers {', '.join(self.names)} read the same inputs until this call, so they were "
+                      f"multiplied together; the model {why}: each is multiplied on its own from now on (slower, "
+                      f"the same results)", stacklevel=4)
+
+
+# the layers transformers' decoders call on one input, by name (Llama, Mistral, Qwen, Gemma; Phi-3 stores them fused)
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def group_siblings(layers: dict[str, nn.Module]) -> int:
+    """Give each set of the int8 `layers` (by name in the model) named in one of `SIBLING_NAMES` under one module
+    (two or more, with the same inputs and all or none with a bias) one `SiblingProducts`; how many sets."""
+    sets = defaultdict(list)
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        for kind, names in enumerate(SIBLING_NAMES):
+            if child in names:
+                sets[(parent, kind, layer.in_features, layer.bias is None)].append((name, layer))
+    groups = [members for members in sets.values() if len(members) > 1]
+    for members in groups:
+        group = SiblingProducts([layer for _, layer in members], [name for name, _ in members])
+        for _, layer in members:
+            layer.siblings = group
+    return len(groups)
