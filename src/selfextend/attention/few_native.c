@@ -24,6 +24,8 @@
 #define MIN_CHUNK 64
 #define SUB 16    /* keys whose logits are taken before their values are added (their values stay in L1) */
 #define GROUP 4   /* rows read against each key or value vector at once */
+#define KEYS_AHEAD 32 /* keys fetched this far ahead of their logits: the hardware prefetcher alone left the logits
+                         waiting on their keys (a 16K-key float16 call 1.5-1.9 -> 1.1-1.3 ms, same bits) */
 #define MAX_SEGMENTS 2 /* key sets with their own queries in one call */
 
 typedef struct {
@@ -104,8 +106,9 @@ static inline __attribute__((always_inline)) void logits_of(const Args *A, const
 }
 
 /* logits x[r][s] = scale · Q[r] · k_(j0 + s) for the padded rows Q [padded][d] and `count` keys, two keys at a time;
-   -inf where the mask hides the pair and past `count`. The keys' values are prefetched meanwhile: add_values reads
-   them a column strip at a time, which the hardware prefetcher does not follow. */
+   -inf where the mask hides the pair and past `count`. The keys' values are prefetched meanwhile (add_values reads
+   them a column strip at a time, which the hardware prefetcher does not follow), and the keys KEYS_AHEAD on (a
+   prefetch past the last key is harmless). */
 static inline __attribute__((always_inline)) void take_logits(const Args *A, const float *Q, const void *K,
                                                               const void *V, int64_t b, int64_t j0, int64_t count,
                                                               float *x, const int half) {
@@ -115,7 +118,11 @@ static inline __attribute__((always_inline)) void take_logits(const Args *A, con
         const void *key = kv_row(K, j0 + s, A->km, half), *key2 = two ? kv_row(K, j0 + s + 1, A->km, half) : key;
         for (int64_t i = 0; i <= two; i++) {
             const char *value = kv_row(V, j0 + s + i, A->vm, half);
-            for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(value + c); /* read by add_values next */
+            const char *ahead = kv_row(K, j0 + s + i + KEYS_AHEAD, A->km, half);
+            for (int64_t c = 0; c < row_bytes; c += 64) {
+                __builtin_prefetch(value + c); /* read by add_values next */
+                __builtin_prefetch(ahead + c);
+            }
         }
         for (int64_t r0 = 0; r0 < A->padded; r0 += GROUP) {
             if (two)
