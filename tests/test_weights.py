@@ -1,6 +1,7 @@
 """Lighter weight formats: each layer computes what its stored weights say, and SelfExtend adds no error of its
 own on a compressed model (it is compared with the same compressed model, vanilla and the reference oracle)."""
 
+import threading
 import types
 from pathlib import Path
 
@@ -176,6 +177,23 @@ def test_int8_siblings_called_on_different_inputs_are_multiplied_alone_from_then
     assert not module.q.siblings.active
     for name in "qkv":
         assert torch.equal(getattr(module, name)(x), _alone(getattr(module, name), x))
+
+
+def test_int8_siblings_keep_what_waits_per_thread():
+    module = _siblings(False)
+    x, y = torch.randn(1, 45), torch.randn(1, 45)
+    got = {}
+
+    def other_thread():
+        got.update({name: getattr(module, name)(y) for name in "qkv"})
+
+    assert torch.equal(module.q(x), _alone(module.q, x))
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert torch.equal(module.k(x), _alone(module.k, x)) and torch.equal(module.v(x), _alone(module.v, x))
+    assert all(torch.equal(got[name], _alone(getattr(module, name), y)) for name in "qkv")
+    assert module.q.siblings.active
 
 
 def test_int8_siblings_are_grouped_in_a_model_and_decode_the_same_bits():

@@ -14,6 +14,7 @@ from then on, with a warning: one product was computed for nothing, nothing else
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections import defaultdict
 
@@ -32,42 +33,45 @@ class SiblingProducts:
         self.blocks = Int8Blocks(torch.cat([m.rows for m in members]), torch.cat([m.scale for m in members]))
         biases = [m.bias for m in members]
         self.bias = None if biases[0] is None else torch.cat(biases)
-        self.spans: dict[nn.Module, tuple[int, int]] = {}
         self.views: dict[nn.Module, torch.Tensor] = {}
         start = 0
         for member in members:
             end = start + member.out_features
             member.rows, member.scale = nn.Buffer(self.blocks.rows[start:end]), nn.Buffer(self.blocks.scale[start:end])
-            self.spans[member], self.views[member] = (start, end), member._buffers["rows"]
+            self.views[member] = member._buffers["rows"]
             start = end
+        self.members, self.sizes = members, [m.out_features for m in members]
         self.active = True
-        self._input: torch.Tensor | None = None  # the input whose products wait in _waiting
-        self._waiting: dict[nn.Module, torch.Tensor] = {}
+        self._thread = threading.local()  # per thread (a model called from two at once): the input whose products
+        # wait to be taken ("input"), and those products ("waiting")
 
     def product(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """`member`'s product of `x` from the call shared with its siblings; None where it computes alone."""
-        if not self.active or x.numel() > NATIVE_TOKENS * member.in_features or torch.compiler.is_compiling():
+        # up to 90 calls a decode step: each torch call here is counted (a slice costs more than a split)
+        if not self.active or torch.compiler.is_compiling():
             return None
+        tokens = x.numel() // member.in_features
+        if tokens > NATIVE_TOKENS:
+            return None
+        state = self._thread.__dict__
+        waiting = state.get("waiting")
         if member._buffers["rows"] is not self.views[member]:
             self._stop("gave it new weights")
-        elif not self._waiting:
-            out = linear_native.linear(x, self.blocks, self.bias)
-            for sibling, (start, end) in self.spans.items():
-                part = out[..., start:end]
-                self._waiting[sibling] = part if part.is_contiguous() else part.contiguous()
-            self._input = x
-            return self._waiting.pop(member)
-        elif x is self._input and member in self._waiting:
-            out = self._waiting.pop(member)
-            if not self._waiting:
-                self._input = None
-            return out
+        elif not waiting:
+            parts = linear_native.linear(x, self.blocks, self.bias).split_with_sizes(self.sizes, dim=-1)
+            if tokens > 1:  # one token's parts are contiguous already
+                parts = [part.contiguous() for part in parts]
+            state["input"], state["waiting"] = x, dict(zip(self.members, parts))
+            return state["waiting"].pop(member)
+        elif x is state["input"] and member in waiting:
+            return waiting.pop(member)
         else:
             self._stop("called them on different inputs")
         return None
 
     def _stop(self, why: str) -> None:
-        self.active, self._input, self._waiting = False, None, {}
+        self.active = False
+        self._thread.__dict__.clear()
         warnings.warn(f"int8 layers {', '.join(self.names)} read the same inputs until this call, so they were "
                       f"multiplied together; the model {why}: each is multiplied on its own from now on (slower, "
                       f"the same results)", stacklevel=4)
