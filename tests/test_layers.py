@@ -16,8 +16,8 @@ LAYERS = [  # top to bottom, as the README lists them
     ["planning"],
     ["attention"],
     ["config", "rotary", "identity", "models", "weights"],
-    ["positions", "errors", "transformers_compat", "samples", "testbed", "native", "linear_native", "norm_native", "paths",
-     "allocator"],
+    ["positions", "errors", "transformers_compat", "samples", "testbed", "native", "linear_native", "sibling_products",
+     "norm_native", "paths", "allocator"],
 ]
 LAYER = {name: depth for depth, names in enumerate(LAYERS) for name in names}
 
