@@ -1,8 +1,8 @@
 """Int8 linear layers of one module that read the same input (attention's q/k/v, an MLP's gate/up), multiplied
 in one kernel call in a decode step.
 
-A decode step's products are small: at 640 inputs a 256-row one runs at under half the machine's read bandwidth
-(the threads' start and end cost as much as the rows), and each call pays its Python wrapper. `group_siblings`
+A decode step's products are small: at 640 inputs a 256-row one ran at 6-9 GB/s where a 2048-row one ran at 14-18
+(docs/results.md), and each call pays its Python wrapper. `group_siblings`
 stores such siblings' int8 rows one after another (each layer's buffers become views of its part, so nothing
 is held twice); the first of them called on an input of up to `NATIVE_TOKENS` tokens computes every sibling's
 product in one call and hands each the other parts when it is called on that same input. A row's sum is the
