@@ -210,7 +210,18 @@ def test_int8_siblings_are_grouped_in_a_model_and_decode_the_same_bits():
         return torch.cat([_logits(model, ids[:, i:i + 1], **cache_kwargs(model, cache), use_cache=True)
                           for i in range(20, 30)], dim=1)
 
-    together = decode()
+    calls, original = [], linear_native.linear
+
+    def counted(x, blocks, bias=None):
+        calls.append(blocks.rows.shape[0])
+        return original(x, blocks, bias)
+
+    fused_rows = {group.blocks.rows.shape[0] for group in groups.values()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linear_native, "linear", counted)
+        together = decode()
+    assert all(group.active for group in groups.values())  # the model fed each set one input: never split
+    assert sum(rows in fused_rows for rows in calls) == 10 * len(groups)  # each decode step took the shared call
     for group in groups.values():
         group.active = False
     assert torch.equal(decode(), together)
