@@ -178,7 +178,7 @@ def test_the_gpu_backend_run_on_cpu(tmp_path):
     short chunks, the blockwise one for long chunks), run on CPU in vLLM's engine. vLLM's Triton kernel, which
     attends for requests within W, cannot run here, so every request reaches past W from its first chunk (one
     that did not would fail the run). Tokens equal transformers'; each new key is rotated once, also after a
-    prefix-cache hit."""
+    prefix-cache hit. Then STRING on a tiny Llama, rotating the grouped keys it reads at each step."""
     vocab = transformers.AutoConfig.from_pretrained(TESTBED).vocab_size
     first = _prompts([500, 300, 40], seed=8, vocab=vocab)
     second = [first[0][:448] + _prompts([40], seed=9, vocab=vocab)[0]]
@@ -193,6 +193,16 @@ def test_the_gpu_backend_run_on_cpu(tmp_path):
     assert all(set(calls) == {"torch paged", "blockwise"} for calls in run["kernel_calls"])
     for prompt, got in zip(first + second, rounds[0] + rounds[1]):
         _assert_same(got, _reference(str(TESTBED), prompt, 8, group_size=6, window_size=32))
+
+    folder = _llama(tmp_path)  # STRING (S = 21 at L = 64), grouped keys rotated at each step instead of kept
+    prompts = _prompts([56, 30, 25], seed=10)
+    engine = {"model": folder, "max_model_len": 64,
+              "additional_config": {"selfextend": {"method": "string", "keep_grouped_keys": False}}}
+    run = _vllm_run(tmp_path, engine, [prompts], backend="gpu")
+    assert all(set(calls) == {"torch paged"} for calls in run["kernel_calls"]) and len(run["kernel_calls"]) == 2
+    assert min(run["keys_rotated"]) > 2 * _tokens_computed(prompts, run["rounds"][0], 8)  # every step, again
+    for prompt, got in zip(prompts, run["rounds"][0]):
+        _assert_same(got, _reference(folder, prompt, 8, method="string"))
 
 
 def test_tensor_parallel_two_processes_and_preempted_requests_recomputed(tmp_path):
