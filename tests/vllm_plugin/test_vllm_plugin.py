@@ -307,6 +307,26 @@ def test_on_gpus_the_plugin_registers_custom_and_refuses_selfextend_in_another_b
     assert current_platform.get_attn_backend_cls(None, full) == chosen[0]
 
 
+def test_a_selfextend_layer_on_gpus_takes_no_fused_rope_or_quantized_output(tmp_path, monkeypatch):
+    """vLLM may fuse RoPE with the cache write, or an fp8 quantization into attention's output, where a backend
+    says it can: a SelfExtend layer says no (it keeps grouped keys from the rotated keys, and writes floats);
+    a plain layer answers as TRITON_ATTN does."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8StaticTensorSym
+
+    from selfextend.vllm import layer
+    from selfextend.vllm.gpu_backend import SelfExtendGPUImpl
+
+    config = _fake_config(_llama(tmp_path), 200, {"group_size": 4, "window_size": 16})
+    monkeypatch.setattr(layer, "get_current_vllm_config", lambda: config)
+    extended = SelfExtendGPUImpl(4, 32, 0.2, 2, None, None, "auto")
+    assert extended.rotation is not None
+    assert not extended.fused_output_quant_supported(kFp8StaticTensorSym)
+    assert not extended.fused_rope_kvcache_supported()
+    config.additional_config = {}
+    plain = SelfExtendGPUImpl(4, 32, 0.2, 2, None, None, "auto")
+    assert plain.rotation is None and plain.fused_output_quant_supported(kFp8StaticTensorSym)
+
+
 def test_a_model_left_one_core_of_several_by_vllms_binding_is_said():
     """vLLM's automatic binding keeps a core for its scheduler: on two cores the model runs on one. The worker
     says so, with the setting that gives it every core; a binding the user chose, or one core only, is left."""

@@ -52,6 +52,10 @@ class SelfExtendGPUImpl(SelfExtendLayer, TritonAttentionImpl):
         """A SelfExtend layer keeps its grouped keys from the rotated keys `forward` gets: no fused RoPE there."""
         return self.rotation is None and super().fused_rope_kvcache_supported()
 
+    def fused_output_quant_supported(self, quant_key) -> bool:
+        """The project's kernels write float outputs: no quantized output fused into a SelfExtend layer."""
+        return self.rotation is None and super().fused_output_quant_supported(quant_key)
+
 
 class SelfExtendGPUMetadataBuilder(TritonAttentionMetadataBuilder):
     """TRITON_ATTN's metadata builder; SelfExtend's attention reads the step's lengths on the host, so it never
