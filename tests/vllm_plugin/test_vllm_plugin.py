@@ -423,7 +423,7 @@ def test_the_paged_cache_read_in_place_and_gathered(layout):
     on CPU also by the native writer) or not."""
     from selfextend.attention import KVLayout, resolve_backend, resolve_geometry
     from selfextend.rotary import GroupedRotation, rope_from_config
-    from selfextend.vllm.layer import _step_rows, empty_like_blocks, gather_blocks, paged_attention
+    from selfextend.vllm.layer import _step_rows, empty_like_blocks, gather_blocks, paged_attention, paged_groups
     from selfextend.attention.paged_native import native_paged_attention, native_step, write_grouped_keys
     from selfextend.vllm.cpu_backend import _halves
 
@@ -478,6 +478,18 @@ def test_the_paged_cache_read_in_place_and_gathered(layout):
         got = torch.empty_like(query)
         got[found.tokens[found.plan.real]] = out[found.plan.real]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        # rows in groups within a memory budget (one call each), as many engine rows would be: the same outputs
+        assert paged_groups([0, 1, 2], starts, lengths, 4, key_blocks) == [[0, 1, 2]]
+        assert paged_groups([0, 1, 2], starts, lengths, 4, key_blocks, budget=1) == [[0], [1], [2]]
+        per_key = 3 * heads * dim * 4 + 2 * 4 * 4 * 3  # keys, grouped keys, values; logits and probabilities x 3
+        groups = paged_groups([0, 1, 2], starts, lengths, 4, key_blocks, budget=2 * 17 * per_key)
+        assert groups == [[0, 1], [2]]
+        grouped_out = torch.empty_like(query)
+        for rows in groups:
+            part = _step_rows(metadata, rows, cache, rotation)
+            out = paged_attention(query[part.tokens], key_blocks, value_blocks, part.plan, rotation, 0.2, kept)
+            grouped_out[part.tokens[part.plan.real]] = out[part.plan.real]
+        torch.testing.assert_close(grouped_out, expected, atol=1e-5, rtol=1e-5)
         if layout == "cpu":
             native = torch.empty_like(query)
             step = native_step(table, metadata.seq_lens, metadata.query_start_loc, torch.tensor([0, 1, 2]), rotation)

@@ -31,6 +31,7 @@ from .settings import SelfExtendVLLMError, engine_settings
 
 logger = init_logger("vllm.selfextend")  # under "vllm", whose handlers vLLM configures
 PAGED_QUERIES, PAGED_KEYS = 256, 4096  # the torch paged kernel's prefill chunks: its logits are queries × keys
+PAGED_BYTES = 1 << 29  # what one torch paged-kernel call may hold (its rows' gathered keys, values and logits)
 
 
 def gather_blocks(blocks: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
@@ -94,6 +95,8 @@ class StepRoute:
     short: list[int]  # short prefill chunks past W: the paged kernel (native: rows of up to NATIVE_KEYS keys)
     long: list[int]  # long prefill chunks: the blockwise kernel, one at a time
     native: NativeStep | None  # the native kernels' view of the step (None: they do not run here)
+    starts: list[int]  # query_start_loc, on the host
+    lengths: list[int]  # seq_lens, on the host
 
 
 def _step_route(attn_metadata, rotation: GroupedRotation, native: bool) -> StepRoute:
@@ -114,7 +117,7 @@ def _step_route(attn_metadata, rotation: GroupedRotation, native: bool) -> StepR
             step = native_step(attn_metadata.block_table, attn_metadata.seq_lens, attn_metadata.query_start_loc,
                                torch.tensor(decoding + short), rotation,
                                attn_metadata.slot_mapping[:attn_metadata.num_actual_tokens])
-        found = StepRoute(len(extended) < len(lengths), decoding, short, long, step)
+        found = StepRoute(len(extended) < len(lengths), decoding, short, long, step, starts, lengths)
         attn_metadata._selfextend_route = found
     return found
 
@@ -140,6 +143,38 @@ def _step_rows(attn_metadata, rows: list[int], kv_cache: torch.Tensor, rotation:
         plan = paged_plan(attn_metadata.block_table[index], attn_metadata.seq_lens[index], counts, n_blocks,
                           block_size, heads, rotation)
         kept[key] = PagedRows(plan, starts[:, None] + plan.steps)
+    return kept[key]
+
+
+def paged_groups(rows: list[int], starts: list[int], lengths: list[int], query_heads: int, key_blocks: torch.Tensor,
+                 budget: int = PAGED_BYTES) -> list[list[int]]:
+    """`rows` in order, cut into groups that one torch paged-kernel call each takes within `budget` bytes: a call
+    gathers every row's keys (and their grouped form) and values, padded to its longest row, and holds float32
+    logits and probabilities for its most queries over them. A row alone may need more; it then goes alone."""
+    heads, dim = key_blocks.shape[1], key_blocks.shape[3]
+    per_key = 3 * heads * dim * key_blocks.element_size()  # keys, grouped keys, values
+    per_query_key = 2 * query_heads * 4
+    groups: list[list[int]] = []
+    keys = queries = 0
+    for r in rows:
+        n, q = lengths[r], starts[r + 1] - starts[r]
+        if groups and (len(groups[-1]) + 1) * max(keys, n) * (per_key + per_query_key * max(queries, q)) <= budget:
+            groups[-1].append(r)
+            keys, queries = max(keys, n), max(queries, q)
+        else:
+            groups.append([r])
+            keys, queries = n, q
+    return groups
+
+
+def _step_groups(attn_metadata, route: StepRoute, query_heads: int, key_blocks: torch.Tensor) -> list[list[int]]:
+    """The step's decoding rows, then its short chunks, in `paged_groups`: built by its first SelfExtend layer
+    and kept on its metadata for the others (the same heads and cache)."""
+    key = (query_heads, tuple(key_blocks.shape), key_blocks.dtype)
+    kept = attn_metadata.__dict__.setdefault("_selfextend_groups", {})
+    if key not in kept:
+        kept[key] = [group for rows in (route.decoding, route.short)
+                     for group in paged_groups(rows, route.starts, route.lengths, query_heads, key_blocks)]
     return kept[key]
 
 
@@ -212,15 +247,12 @@ class SelfExtendLayer:
         if route.native is not None and len(route.native.rows):  # decode steps and short chunks, in one call
             self.kernel_calls["native"] += 1
             self._native_attention(query, output, kv_cache, route.native, grouped)
-        elif route.decoding or route.short:
-            for rows in (route.decoding, route.short):  # each group in one call, short chunks padded alike
-                if rows:
-                    self._paged(query, kv_cache, grouped, attn_metadata, rows, output)
-                    self.kernel_calls["torch paged"] += 1
-        if route.long:
-            starts, lengths = attn_metadata.query_start_loc.tolist(), attn_metadata.seq_lens.tolist()
+        else:  # decode steps, then short chunks (padded alike), in as few calls as memory allows
+            for rows in _step_groups(attn_metadata, route, query.shape[1], self.key_blocks(kv_cache)):
+                self._paged(query, kv_cache, grouped, attn_metadata, rows, output)
+                self.kernel_calls["torch paged"] += 1
         for r in route.long:  # long prefill chunks, one request at a time
-            a, b, length = starts[r], starts[r + 1], lengths[r]
+            a, b, length = route.starts[r], route.starts[r + 1], route.lengths[r]
             blocks = attn_metadata.block_table[r]
             keys = gather_blocks(self.key_blocks(kv_cache), blocks, length)
             values = gather_blocks(self.value_blocks(kv_cache), blocks, length)
