@@ -8,8 +8,9 @@ vLLM hands `forward` the queries already rotated at their positions, after writi
 into the paged cache, so each request's keys are read from its blocks (the cache holds them rotated at their own
 positions). Their grouped form depends only on the key and its position, so each layer keeps it beside vLLM's
 cache, in the same blocks and slots: a step rotates only its new keys (as in transformers; `keep_grouped_keys:
-false` rotates the gathered keys instead). Decoding requests and short prefill chunks go together through one
-paged-kernel call, which reads their blocks in place; long prefill chunks go one request at a time through the
+false`, the default on GPUs, rotates the keys it reads instead). Decoding requests and short prefill chunks go
+through the CPU's native paged kernel in one call, which reads their blocks in place, or else through the torch
+paged kernel in as few calls as `PAGED_BYTES` allows; long prefill chunks go one request at a time through the
 blockwise (CPU) or FlexAttention (GPU) kernel, over their gathered keys.
 """
 
@@ -228,9 +229,11 @@ class SelfExtendLayer:
 
     def _native_attention(self, query: torch.Tensor, output: torch.Tensor, kv_cache: torch.Tensor, step: NativeStep,
                           grouped: torch.Tensor | None) -> None:
+        """The step's native rows through the backend's native kernel (only where `native` is set)."""
         raise NotImplementedError
 
     def _native_keep(self, key: torch.Tensor, step: NativeStep) -> None:
+        """The step's new keys, rotated to their grouped positions, into `grouped` by the native writer."""
         raise NotImplementedError
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
