@@ -318,6 +318,9 @@ def test_on_gpus_the_plugin_registers_custom_and_refuses_selfextend_in_another_b
     chosen[0] = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
     config.additional_config = {}  # SelfExtend not asked for: plain vLLM, any backend
     assert current_platform.get_attn_backend_cls(None, full) == chosen[0]
+    config.additional_config = {"selfextend": {"group_size": 4, "window_size": 16}}
+    config.model_config = None  # vLLM choosing a backend with no model in its config: nothing to refuse
+    assert current_platform.get_attn_backend_cls(None, full) == chosen[0]
 
 
 def test_a_selfextend_layer_on_gpus_takes_no_fused_rope_or_quantized_output(tmp_path, monkeypatch):

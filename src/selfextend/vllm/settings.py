@@ -30,6 +30,8 @@ class SelfExtendVLLMError(ValueError):
 
 def requested(vllm_config) -> tuple[str, dict] | None:
     """Where SelfExtend was asked for and how: ("additional_config", request) or ("config.json", saved)."""
+    if vllm_config.model_config is None:  # no model is being built (some of vLLM's own utilities)
+        return None
     extra = (vllm_config.additional_config or {}).get(CONFIG_KEY)
     if extra is not None:
         return "additional_config", dict(extra)
