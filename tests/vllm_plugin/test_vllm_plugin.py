@@ -323,6 +323,23 @@ def test_on_gpus_the_plugin_registers_custom_and_refuses_selfextend_in_another_b
     assert current_platform.get_attn_backend_cls(None, full) == chosen[0]
 
 
+def test_a_vllm_whose_internals_differ_gets_a_warning_not_a_stopped_engine(monkeypatch):
+    """vLLM runs plugins unguarded: where its registry is not where the tested release has it, `register` says so
+    (naming the tested release) and registers nothing, instead of raising in every engine of the installation."""
+    import types
+
+    import vllm.logger
+
+    from selfextend.vllm import register
+
+    monkeypatch.setitem(sys.modules, "vllm.v1.attention.backends.registry", types.ModuleType("registry"))
+    said = []
+    monkeypatch.setattr(vllm.logger, "init_logger",
+                        lambda name: SimpleNamespace(warning=lambda line, *args: said.append(line % args)))
+    register()
+    assert len(said) == 1 and "cannot register in vLLM" in said[0] and "install vllm==0.32.0" in said[0]
+
+
 def test_a_selfextend_layer_on_gpus_takes_no_fused_rope_or_quantized_output(tmp_path, monkeypatch):
     """vLLM may fuse RoPE with the cache write, or an fp8 quantization into attention's output, where a backend
     says it can: a SelfExtend layer says no (it keeps grouped keys from the rotated keys, and writes floats);

@@ -21,14 +21,26 @@ GPU_BACKEND = "selfextend.vllm.gpu_backend.SelfExtendGPUBackend"
 def register() -> None:
     """vLLM's plugin hook. On CPU, SelfExtend's backend takes CPU_ATTN's place (it is CPU_ATTN for every layer
     and request SelfExtend leaves alone). On GPUs it is registered as CUSTOM, and an engine asking for SelfExtend
-    with another backend is refused at start-up."""
-    from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    with another backend is refused at start-up. vLLM does not catch a plugin's errors, so in a vLLM whose
+    internals differ from the tested release's the plugin says so and registers nothing, rather than stop
+    every engine of that installation."""
+    try:
+        from vllm.platforms import current_platform
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    if current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
-        return
-    from .backend_choice import refuse_other_backends
+        if current_platform.is_cpu():
+            register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+            return
+        from .backend_choice import refuse_other_backends
 
-    register_backend(AttentionBackendEnum.CUSTOM, GPU_BACKEND)
-    refuse_other_backends(current_platform, GPU_BACKEND)
+        register_backend(AttentionBackendEnum.CUSTOM, GPU_BACKEND)
+        refuse_other_backends(current_platform, GPU_BACKEND)
+    except (ImportError, AttributeError) as error:
+        import vllm
+        from vllm.logger import init_logger
+
+        from .settings import TESTED_VLLM
+
+        init_logger("vllm.selfextend").warning(
+            "SelfExtend's plugin cannot register in vLLM %s (tested: %s): %s. SelfExtend asked for here runs as "
+            "plain vLLM; install vllm==%s", vllm.__version__, TESTED_VLLM, error, TESTED_VLLM)

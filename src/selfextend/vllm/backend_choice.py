@@ -9,7 +9,7 @@ from __future__ import annotations
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionType
 
-from .settings import SelfExtendVLLMError, engine_settings
+from .settings import SelfExtendVLLMError, engine_settings, requested
 
 
 def refuse_other_backends(platform, backend_path: str) -> None:
@@ -21,14 +21,16 @@ def refuse_other_backends(platform, backend_path: str) -> None:
 
     def checked(selected_backend, attn_selector_config, *args, **kwargs) -> str:
         path = choose(selected_backend, attn_selector_config, *args, **kwargs)
-        needs = attn_selector_config.attn_type == AttentionType.DECODER and not attn_selector_config.has_sliding_window
-        if needs and path != backend_path and engine_settings(get_current_vllm_config()) is not None:
-            if attn_selector_config.use_mla:
-                raise SelfExtendVLLMError("SelfExtend does not run with multi-head latent attention (MLA)")
-            raise SelfExtendVLLMError(f"SelfExtend runs on GPUs in its own attention backend, and vLLM chose "
-                                      f"{path.rsplit('.', 1)[-1]}: add --attention-backend CUSTOM (Python: "
-                                      "attention_config={\"backend\": \"CUSTOM\"})")
-        return path
+        if path == backend_path or requested(get_current_vllm_config()) is None:
+            return path  # SelfExtend's own backend, or plain vLLM
+        if attn_selector_config.attn_type != AttentionType.DECODER or attn_selector_config.has_sliding_window:
+            return path  # layers SelfExtend leaves alone
+        engine_settings(get_current_vllm_config())  # settings that cannot run are refused first, as on CPU
+        if attn_selector_config.use_mla:
+            raise SelfExtendVLLMError("SelfExtend does not run with multi-head latent attention (MLA)")
+        raise SelfExtendVLLMError(f"SelfExtend runs on GPUs in its own attention backend, and vLLM chose "
+                                  f"{path.rsplit('.', 1)[-1]}: add --attention-backend CUSTOM (Python: "
+                                  "attention_config={\"backend\": \"CUSTOM\"})")
 
     checked.selfextend_checked = True
     platform.get_attn_backend_cls = checked
