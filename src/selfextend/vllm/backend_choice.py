@@ -21,11 +21,12 @@ def refuse_other_backends(platform, backend_path: str) -> None:
 
     def checked(selected_backend, attn_selector_config, *args, **kwargs) -> str:
         path = choose(selected_backend, attn_selector_config, *args, **kwargs)
-        if path == backend_path or requested(get_current_vllm_config()) is None:
+        config = get_current_vllm_config()
+        if path == backend_path or requested(config) is None:
             return path  # SelfExtend's own backend, or plain vLLM
         if attn_selector_config.attn_type != AttentionType.DECODER or attn_selector_config.has_sliding_window:
             return path  # layers SelfExtend leaves alone
-        engine_settings(get_current_vllm_config())  # settings that cannot run are refused first, as on CPU
+        engine_settings(config)  # settings that cannot run are refused first, as on CPU
         if attn_selector_config.use_mla:
             raise SelfExtendVLLMError("SelfExtend does not run with multi-head latent attention (MLA)")
         raise SelfExtendVLLMError(f"SelfExtend runs on GPUs in its own attention backend, and vLLM chose "

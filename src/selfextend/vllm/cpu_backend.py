@@ -23,7 +23,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 from ..attention import workers
 from ..attention.paged_native import NativeStep, library, native_paged_attention, write_grouped_keys
 from ..errors import NativeBuildError
-from .layer import SelfExtendLayer, logger
+from .layer import SelfExtendLayer, logger, refusals
 from .settings import SelfExtendVLLMError, cores_note, engine_settings
 
 READABLE_LAYOUTS = ("vec", "vec16")  # KV-cache layouts whose keys this module reads (K transposed per block)
@@ -71,8 +71,7 @@ class SelfExtendCPUImpl(SelfExtendLayer, CPUAttentionBackendImpl):
                  kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
-        refused = {"attention sinks": sinks is not None, "ALiBi": alibi_slopes is not None,
-                   "logit soft-capping": logits_soft_cap not in (None, 0), "an fp8 KV cache": self.is_fp8_kv_cache}
+        refused = {**refusals(sinks, alibi_slopes, logits_soft_cap), "an fp8 KV cache": self.is_fp8_kv_cache}
         if not self._setup_selfextend(sliding_window, attn_type, refused, torch.device("cpu"),
                                       kv_sharing_target_layer_name):
             return

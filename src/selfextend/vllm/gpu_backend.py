@@ -21,7 +21,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
                                                     TritonAttentionMetadataBuilder)
 
-from .layer import SelfExtendLayer
+from .layer import SelfExtendLayer, refusals
 
 
 class SelfExtendGPUImpl(SelfExtendLayer, TritonAttentionImpl):
@@ -35,8 +35,7 @@ class SelfExtendGPUImpl(SelfExtendLayer, TritonAttentionImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, use_alibi_sqrt,
                          chunk_lookback)
-        refused = {"attention sinks": sinks is not None, "ALiBi": alibi_slopes is not None,
-                   "logit soft-capping": logits_soft_cap not in (None, 0),
+        refused = {**refusals(sinks, alibi_slopes, logits_soft_cap),
                    "a quantized KV cache": is_quantized_kv_cache(kv_cache_dtype),
                    "chunked local attention": chunk_lookback != -1}
         self._setup_selfextend(sliding_window, attn_type, refused, torch.device(current_platform.device_type),

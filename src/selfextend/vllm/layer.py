@@ -179,6 +179,13 @@ def _step_groups(attn_metadata, route: StepRoute, query_heads: int, key_blocks: 
     return kept[key]
 
 
+def refusals(sinks: torch.Tensor | None, alibi_slopes: list[float] | None,
+             logits_soft_cap: float | None) -> dict[str, bool]:
+    """What SelfExtend cannot run with in any backend (what, whether present); a backend adds its own."""
+    return {"attention sinks": sinks is not None, "ALiBi": alibi_slopes is not None,
+            "logit soft-capping": logits_soft_cap not in (None, 0)}
+
+
 class SelfExtendLayer:
     """Mixed into a vLLM attention implementation (first among its bases): SelfExtend (or STRING) for the layers
     and requests it applies to, the implementation's own `forward` for the rest.
@@ -247,18 +254,18 @@ class SelfExtendLayer:
         if route.plain:  # the requests with n <= W: vLLM's own kernel (plain attention)
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
+        key_blocks, value_blocks = self.key_blocks(kv_cache), self.value_blocks(kv_cache)
         if route.native is not None and len(route.native.rows):  # decode steps and short chunks, in one call
             self.kernel_calls["native"] += 1
             self._native_attention(query, output, kv_cache, route.native, grouped)
         else:  # decode steps, then short chunks (padded alike), in as few calls as memory allows
-            for rows in _step_groups(attn_metadata, route, query.shape[1], self.key_blocks(kv_cache)):
-                self._paged(query, kv_cache, grouped, attn_metadata, rows, output)
+            for rows in _step_groups(attn_metadata, route, query.shape[1], key_blocks):
+                self._paged(query, kv_cache, (key_blocks, value_blocks), grouped, attn_metadata, rows, output)
                 self.kernel_calls["torch paged"] += 1
         for r in route.long:  # long prefill chunks, one request at a time
             a, b, length = route.starts[r], route.starts[r + 1], route.lengths[r]
             blocks = attn_metadata.block_table[r]
-            keys = gather_blocks(self.key_blocks(kv_cache), blocks, length)
-            values = gather_blocks(self.value_blocks(kv_cache), blocks, length)
+            keys, values = gather_blocks(key_blocks, blocks, length), gather_blocks(value_blocks, blocks, length)
             geometry = resolve_geometry(KVLayout(q_offset=length - (b - a), kv_offset=0), None, 1, b - a, length,
                                         query.device)
             self.kernel_calls["blockwise"] += 1
@@ -296,13 +303,13 @@ class SelfExtendLayer:
                                                                    self.rotation.window_size)
         return self.kernel.selfextend(query, keys, values, geometry, self.rotation, self.scale, kept)
 
-    def _paged(self, query: torch.Tensor, kv_cache: torch.Tensor, grouped: torch.Tensor | None, attn_metadata,
-               rows: list[int], output: torch.Tensor) -> None:
-        """The queries of `rows` in one kernel call, reading their keys in place from the blocks."""
+    def _paged(self, query: torch.Tensor, kv_cache: torch.Tensor, blocks: tuple[torch.Tensor, torch.Tensor],
+               grouped: torch.Tensor | None, attn_metadata, rows: list[int], output: torch.Tensor) -> None:
+        """The queries of `rows` in one kernel call, reading their keys and values in place from the cache's
+        `blocks` (key_blocks, value_blocks)."""
         found = _step_rows(attn_metadata, rows, kv_cache, self.rotation)
         if grouped is None:
             self.keys_rotated += len(rows) * found.plan.total
-        out = paged_attention(query[found.tokens], self.key_blocks(kv_cache), self.value_blocks(kv_cache),
-                              found.plan, self.rotation, self.scale, grouped)
+        out = paged_attention(query[found.tokens], *blocks, found.plan, self.rotation, self.scale, grouped)
         real = found.plan.real
         output[found.tokens[real]] = out[real]
