@@ -189,3 +189,45 @@ def test_a_cache_layer_it_cannot_store_in_float16_is_refused(monkeypatch):
     assert type(new_cache(config).layers[0]) is OtherLayer  # the model's dtype: kept as it is
     with pytest.raises(ValueError, match="OtherLayer cache layer cannot store torch.float16"):
         new_cache(config, dtype=torch.float16)
+
+
+def test_the_native_write_rounds_as_torch_rounds_and_counts_what_float16_cannot_hold():
+    from selfextend import cache_native
+
+    halves = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()  # every finite
+    ties = (halves[:-1] + halves[1:]) / 2  # exactly between two halves: to the even one
+    values = torch.cat([halves, ties, ties.nextafter(torch.tensor(0.0)), ties.nextafter(torch.tensor(1e9)),
+                        torch.tensor([65504.0, 65519.0, 65520.0, 7e4, 1e-30, 2.0 ** -25, 2.0 ** -24 * 1.5])])
+    values = torch.cat([values, -values])
+    d = 37  # rows that are not whole vectors of eight
+    rows = torch.nn.functional.pad(values, (0, -len(values) % d)).view(1, 1, -1, d)
+    for t0 in range(0, rows.shape[2], 16):
+        new = rows[:, :, t0:t0 + 16]
+        slot = torch.empty(new.shape, dtype=torch.float16)
+        past = cache_native.store_half(slot, new)
+        assert past == int((new.abs() > 65504).sum())
+        finite = new.abs() <= 65504
+        assert torch.equal(slot.view(torch.int16)[finite], new.half().view(torch.int16)[finite])
+    assert cache_native.store_half(torch.empty(1, 1, 17, 4, dtype=torch.float16), torch.ones(1, 1, 17, 4)) is None
+
+
+def test_decode_steps_write_in_place_what_torch_would_store_and_refuse_without_a_trace(monkeypatch):
+    from selfextend import cache_native
+
+    written = []
+    store = cache_native.store_half
+    monkeypatch.setattr(cache_native, "store_half", lambda slot, new: written.append(1) or store(slot, new))
+    for mine, theirs in ((GrowingLayer(storage=torch.float16), GrowingLayer()),
+                         (SlidingLayer(24, torch.float16), SlidingLayer(24))):
+        first = torch.randn(1, 2, 30, 8)
+        mine.update(first, -first)
+        theirs.update(first.half().float(), -first.half().float())
+        for step in range(300):
+            new = torch.randn(1, 2, 1 + (step == 100) * 3, 8) * 100
+            got, expected = mine.update(new, -new), theirs.update(new.half().float(), -new.half().float())
+            assert all(torch.equal(g.float(), e) for g, e in zip(got, expected))
+        held = (mine.keys, mine.values, mine.get_seq_length())
+        with pytest.raises(ValueError, match="a value of 7e\\+04 is past"):
+            mine.update(torch.ones(1, 2, 1, 8), torch.full((1, 2, 1, 8), -7e4))
+        assert (mine.keys, mine.values, mine.get_seq_length()) == held
+    assert len(written) >= 2 * 2 * 290  # keys and values, nearly every step of both layers, in one C call each

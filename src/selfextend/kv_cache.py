@@ -23,6 +23,8 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from . import cache_native
+
 
 CACHE_DTYPES = ("auto", "model", "float16")  # what --kv-cache-dtype may say
 
@@ -95,7 +97,8 @@ def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tenso
             dtype: torch.dtype | None = None):
     """`current` followed by `new`, as a view of `buffer`: written right after `current` if it is a run of the
     buffer's positions with room after it, else into a new buffer (`spare` positions to spare, as `room_for`)
-    that starts with a copy of `current`; stored as `dtype` (default: new's), converted as it is written."""
+    that starts with a copy of `current`; stored as `dtype` (default: new's), converted as it is written.
+    Returns the view, the buffer and the position in it where the view starts."""
     dtype = dtype or new.dtype
     n = current.shape[-2] if current.numel() else 0
     start = _start_in(buffer, current, new, dtype)
@@ -103,24 +106,64 @@ def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tenso
         buffer, start = room_for(None, n + new.shape[-2], new, current if n else None, spare, dtype), 0
     end = start + n + new.shape[-2]
     buffer[..., start + n:end, :] = new
-    return buffer[..., start:end, :], buffer
+    return buffer[..., start:end, :], buffer, start
+
+
+def _store(slot: torch.Tensor, new: torch.Tensor, name: str) -> None:
+    """Write `new` into `slot` (positions of a buffer), converted to the slot's dtype; a {name} that dtype cannot
+    hold is refused (nothing the layer holds has changed then)."""
+    if slot.dtype != new.dtype:
+        past = cache_native.store_half(slot, new)
+        if past is not None:
+            if past:
+                _check_range(slot.dtype, new, name)
+            return
+        _check_range(slot.dtype, new, name)
+    slot.copy_(new)
+
+
+def _check_range(storage: torch.dtype, states: torch.Tensor, name: str) -> None:
+    """Refuse keys or values (`name`) that `storage` cannot hold (they would be stored as infinity)."""
+    limit = torch.finfo(storage).max
+    low, high = (x.item() for x in states.aminmax()) if states.numel() else (0.0, 0.0)
+    if max(high, -low) > limit:
+        raise ValueError(f"a {name} of {max(high, -low):.4g} is past {storage}'s range ({limit:.6g}): "
+                         f"this model needs its KV cache in its own dtype (--kv-cache-dtype model)")
 
 
 class _Stored:
-    """A layer that stores keys and values as `storage` (None: as given), converting them as it writes them."""
+    """A layer that stores keys and values as `storage` (None: as given), converting them as it writes them, in
+    buffers with room after them (`_key_buffer`, `_value_buffer`)."""
 
     storage: torch.dtype | None = None
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+    _held: tuple | None = None  # (keys, values, start): what the last update left the layer holding, and where in
+    # the buffers they start, so that a decode step appends without working that out again
 
     def check_range(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Refuse keys or values that `storage` cannot hold (they would be stored as infinity)."""
         if self.storage is None or key_states.dtype == self.storage:
             return
-        limit = torch.finfo(self.storage).max
-        for name, states in (("key", key_states), ("value", value_states)):
-            low, high = (x.item() for x in states.aminmax()) if states.numel() else (0.0, 0.0)
-            if max(high, -low) > limit:
-                raise ValueError(f"a {name} of {max(high, -low):.4g} is past {self.storage}'s range ({limit:.6g}): "
-                                 f"this model needs its KV cache in its own dtype (--kv-cache-dtype model)")
+        _check_range(self.storage, key_states, "key")
+        _check_range(self.storage, value_states, "value")
+
+    def _append_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """(keys, values, start): the layer's keys and values with the new ones written after them, where the last
+        update left them and its buffers have room; None where anything changed since (the caller appends)."""
+        held, keys_buffer = self._held, self._key_buffer
+        if held is None or held[0] is not self.keys or held[1] is not self.values \
+                or keys_buffer.dtype != (self.storage or key_states.dtype) or keys_buffer.device != key_states.device:
+            return None
+        start, n, t = held[2], held[0].shape[-2], key_states.shape[-2]
+        if start + n + t > keys_buffer.shape[-2] or not _writable(keys_buffer):
+            return None
+        key_slot, value_slot = keys_buffer.narrow(-2, start + n, t), self._value_buffer.narrow(-2, start + n, t)
+        if key_slot.shape != key_states.shape or value_slot.shape != value_states.shape:
+            return None
+        _store(key_slot, key_states, "key")
+        _store(value_slot, value_states, "value")
+        return keys_buffer.narrow(-2, start, n + t), self._value_buffer.narrow(-2, start, n + t), start
 
 
 class GrowingLayer(_Stored, DynamicLayer):
@@ -130,24 +173,29 @@ class GrowingLayer(_Stored, DynamicLayer):
     first update, so the cache is never copied to grow and holds no room it will not use.
     """
 
-    _key_buffer: torch.Tensor | None = None
-    _value_buffer: torch.Tensor | None = None
-
     def __init__(self, capacity: int | None = None, storage: torch.dtype | None = None) -> None:
         super().__init__()
         self.capacity, self.storage = capacity, storage
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.check_range(key_states, value_states)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        spare = spare_within(self.capacity, self.get_seq_length() + key_states.shape[-2])
-        self.keys, self._key_buffer = _append(self.keys, self._key_buffer, key_states, spare, self.storage)
-        self.values, self._value_buffer = _append(self.values, self._value_buffer, value_states, spare, self.storage)
+        appended = self._append_in_place(key_states, value_states)
+        if appended is not None:
+            self.keys, self.values, start = appended
+        else:
+            self.check_range(key_states, value_states)
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            spare = spare_within(self.capacity, self.get_seq_length() + key_states.shape[-2])
+            keys, self._key_buffer, start = _append(self.keys, self._key_buffer, key_states, spare, self.storage)
+            self.values, self._value_buffer, value_start = _append(self.values, self._value_buffer, value_states,
+                                                                   spare, self.storage)
+            self.keys = keys
+            start = start if value_start == start else None
+        self._held = None if start is None else (self.keys, self.values, start)
         return self.keys, self.values
 
     def reset(self) -> None:
-        self._key_buffer = self._value_buffer = None
+        self._key_buffer = self._value_buffer = self._held = None
         super().reset()
 
 
@@ -157,33 +205,40 @@ class SlidingLayer(_Stored, DynamicSlidingWindowLayer):
     last sliding_window - 1 of them). Its room to spare is a quarter of the window (at least 256), however long
     the chunk that filled it, and a buffer left much larger by a long chunk is given up at the next update."""
 
-    _key_buffer: torch.Tensor | None = None
-    _value_buffer: torch.Tensor | None = None
-
     def __init__(self, sliding_window: int, storage: torch.dtype | None = None) -> None:
         super().__init__(sliding_window=sliding_window)
         self.storage = storage
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.check_range(key_states, value_states)
         if getattr(self, "record_past", False):  # kept whole until a crop (assisted decoding): transformers' way
+            self.check_range(key_states, value_states)
+            self._held = None
             dtype = self.storage or key_states.dtype
             return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
         spare = max(256, self.sliding_window // 4)
         if self._key_buffer is not None and \
                 self._key_buffer.shape[-2] > self.sliding_window + key_states.shape[-2] + 2 * spare:
-            self._key_buffer = self._value_buffer = None
-        keys, self._key_buffer = _append(self.keys, self._key_buffer, key_states, spare, self.storage)
-        values, self._value_buffer = _append(self.values, self._value_buffer, value_states, spare, self.storage)
+            self._key_buffer = self._value_buffer = self._held = None
+        appended = self._append_in_place(key_states, value_states)
+        if appended is not None:
+            keys, values, start = appended
+        else:
+            self.check_range(key_states, value_states)
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            keys, self._key_buffer, start = _append(self.keys, self._key_buffer, key_states, spare, self.storage)
+            values, self._value_buffer, value_start = _append(self.values, self._value_buffer, value_states, spare,
+                                                              self.storage)
+            start = start if value_start == start else None
+        self.cumulative_length += key_states.shape[-2]
         self.keys = keys[:, :, -self.sliding_window + 1:, :]
         self.values = values[:, :, -self.sliding_window + 1:, :]
+        first = keys.shape[-2] - self.keys.shape[-2]
+        self._held = None if start is None else (self.keys, self.values, start + first)
         return keys, values
 
     def reset(self) -> None:
-        self._key_buffer = self._value_buffer = None
+        self._key_buffer = self._value_buffer = self._held = None
         super().reset()
 
 
