@@ -88,7 +88,8 @@ def _attention_forward(
     window = sliding_window or (attention_mask.local_window if attention_mask is not None else None)
 
     kept: GroupedKeys | None = getattr(module, _KEPT, None)
-    setattr(module, _KEPT, None)  # the cache layer may go away: keep no reference past this call
+    if kept is not None:
+        setattr(module, _KEPT, None)  # the cache layer may go away: keep no reference past this call
     b, n, m = query.shape[0], query.shape[2], key.shape[2]
     parts, geometry = _sequences(module.layer_idx, attention_mask, position_ids, kwargs.get("cu_seq_lens_q"), b, n, m,
                                  query.device)
@@ -243,7 +244,9 @@ def _install(model: nn.Module, config: SelfExtendConfig, rope, keep_grouped_keys
         raise UnsupportedModelError(f"{type(model).__name__} has no attention layers that SelfExtend recognises")
     for module in modules:
         setattr(module, _STATE, state)
-        if not hasattr(module, _HOOK):
+        # a sliding-window layer's attention groups no keys (its calls pass the window): no kept keys to find, and
+        # no hook to make each of its calls take torch's slower path for modules with hooks
+        if not hasattr(module, _HOOK) and not getattr(module, "sliding_window", None):
             setattr(module, _HOOK, module.register_forward_pre_hook(_find_kept_keys, with_kwargs=True))
     if not hasattr(model, _PREVIOUS):  # loaded with attn_implementation="selfextend": remove() goes to SDPA
         previous = model.config._attn_implementation
