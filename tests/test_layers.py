@@ -17,7 +17,7 @@ LAYERS = [  # top to bottom, as the README lists them
     ["attention"],
     ["config", "rotary", "identity", "models", "weights"],
     ["positions", "errors", "transformers_compat", "samples", "testbed", "native", "linear_native", "sibling_products",
-     "norm_native", "paths", "allocator"],
+     "norm_native", "rope_native", "cache_native", "paths", "allocator"],
 ]
 LAYER = {name: depth for depth, names in enumerate(LAYERS) for name in names}
 

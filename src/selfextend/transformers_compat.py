@@ -8,6 +8,10 @@
 - Hub kernels when loading: 5.25 turned them on by default (`from_pretrained(use_kernels=None)` means True),
   which needs the `kernels` package and replaces layers by kernels fetched from the Hub at run time, with their
   own numerics. Earlier releases default to off; we load with them off on every release (`LOAD_OPTIONS`).
+- A model's RoPE: with the `kernels` package, each attention module calls `apply_rotary_pos_emb` through a
+  module of its own in `_kernel_funcs` (kernels' `use_kernelized_func`; kernel layer "rotary_pos_emb"), whose `forward` is what `kernelize`
+  replaces; `rotary_wrappers` finds them, so `rope_native` can give them its forward. Without `kernels` (or on
+  releases before the wrappers) there are none, and RoPE runs as the model wrote it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -33,6 +37,19 @@ def cache_name(model: nn.Module) -> str:
 def cache_kwargs(model: nn.Module, cache) -> dict:
     """`{name: cache}` for a call of `model(...)` or `model.generate(...)`, in the name that model expects."""
     return {cache_name(model): cache}
+
+
+ROTARY_KERNEL = "rotary_pos_emb"  # the kernel layer name transformers gives its `apply_rotary_pos_emb`
+
+
+def rotary_wrappers(model: nn.Module) -> Iterator[tuple[nn.Module, Callable]]:
+    """(wrapper, original) for each attention module's own RoPE wrapper: the module whose `forward` computes its
+    `apply_rotary_pos_emb` calls, and that forward as the model defines it."""
+    for module in model.modules():
+        wrappers = module.__dict__.get("_kernel_funcs")
+        for wrapper in wrappers.values() if isinstance(wrappers, dict) else ():
+            if isinstance(wrapper, nn.Module) and getattr(type(wrapper), "kernel_layer_name", None) == ROTARY_KERNEL:
+                yield wrapper, type(wrapper).forward.__get__(wrapper)
 
 
 def given_cache(kwargs: dict):

@@ -6,8 +6,9 @@ expanded to float32 reads 4 bytes per weight. The formats here keep the arithmet
 - "float16": weights in half precision (fbgemm's fp16 GEMM; activations stay float32, so nothing overflows);
 - "int8": weights in int8 in blocks of 32 inputs with a float16 scale each (llama.cpp's Q8_0 layout, for the
   weights only), multiplied in float32 by the project's C kernel (`linear_native`); the embedding looks its
-  rows up in the same form, and a tied LM head shares them. The RMSNorm layers run in C too (`norm_native`):
-  with the weights' bytes cut, a decode step's many small torch operations are the next cost;
+  rows up in the same form, and a tied LM head shares them. The RMSNorm layers run in C too (`norm_native`),
+  and a decode step's RoPE (`rope_native`): with the weights' bytes cut, a decode step's many small torch
+  operations are the next cost;
 - "dense": the model as loaded.
 
 fbgemm is torch's own (x86 CPUs); the int8 kernel is built with the system's C compiler on first use. The
@@ -25,6 +26,7 @@ from torch import nn
 
 from . import linear_native
 from . import norm_native
+from . import rope_native
 from .errors import NativeBuildError, UnsupportedModelError
 from .identity import IDENTITY_ATTRIBUTE, model_identity
 from .linear_native import Int8Blocks
@@ -141,6 +143,7 @@ def check_format(fmt: str, device: str = "cpu", dtype: str = "float32") -> None:
     if fmt == "int8":
         linear_native.library()  # built here, or a NativeBuildError that says why, before anything loads
         norm_native.library()
+        rope_native.library()
     elif torch.backends.quantized.engine not in ("x86", "fbgemm"):
         raise ValueError(f"{fmt} weights need torch's x86 (fbgemm) kernels; this CPU has the "
                          f"{torch.backends.quantized.engine!r} engine: use --weights dense")
@@ -153,7 +156,8 @@ def compress(model: nn.Module, fmt: str) -> nn.Module:
     embedding shares its int8 blocks (float16: it gets its own packed copy). The float32 weights are released.
     Int8 layers of one module that read the same inputs are multiplied together in a decode step
     (`sibling_products`).
-    With int8, RMSNorm layers become `norm_native.NativeNorm`s (a warning names any it does not recognise).
+    With int8, RMSNorm layers become `norm_native.NativeNorm`s (a warning names any it does not recognise) and a
+    decode step's RoPE runs in C (`rope_native`; a warning counts the layers whose form it does not recognise).
     The model keeps the identity of its dense weights (so their calibrated profile). A CPU float32 model only.
     """
     parameter = next(model.parameters())
@@ -188,6 +192,11 @@ def compress(model: nn.Module, fmt: str) -> nn.Module:
             warnings.warn(f"int8 weights run RMSNorm in C, but {len(unrecognised)} norm layers of "
                           f"{type(model).__name__} ({unrecognised[0]}, ...) compute a form it does not recognise: "
                           f"they run in torch, which slows decoding", stacklevel=2)
+        _, other_rope = rope_native.fuse_rotary(model)
+        if other_rope:
+            warnings.warn(f"int8 weights run a decode step's RoPE in C, but {other_rope} attention layers of "
+                          f"{type(model).__name__} rotate in a form it does not recognise: they run in torch, "
+                          f"which slows decoding", stacklevel=2)
     setattr(model, IDENTITY_ATTRIBUTE, identity)
     return model
 
