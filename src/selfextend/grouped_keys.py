@@ -36,7 +36,7 @@ class GroupedKeys:
 
     def extend(self, key: torch.Tensor, geometry: Geometry, rotation: GroupedRotation, n_grouped: int) -> torch.Tensor:
         """Grouped keys of key[:, :, :n_grouped] (batch 1, positions contiguous), rotating only those not kept."""
-        first_position = int(geometry.key_positions[0, 0])
+        first_position = int(geometry.first_key_position[0, 0])
         fresh = geometry.shift  # indices from here on were (re)written by this call's update
         if self.buffer is None or self.buffer.dtype != key.dtype or self.buffer.device != key.device \
                 or self.buffer.shape[:2] != key.shape[:2] or first_position != self.first_position:
@@ -46,7 +46,7 @@ class GroupedKeys:
             kept = self.buffer[:, :, :self.count] if self.count else None
             self.buffer = room_for(self.buffer, n_grouped, key, kept, spare_within(self.capacity, n_grouped))
             new = slice(self.count, n_grouped)
-            self.buffer[:, :, new] = rotation(key[:, :, new], geometry.key_positions[:, new], "key")
+            self.buffer[:, :, new] = rotation(key[:, :, new], geometry.key_positions_of(new.start, new.stop), "key")
             self.count = n_grouped
         self._seen = weakref.ref(key)
         return self.buffer[:, :, :n_grouped]

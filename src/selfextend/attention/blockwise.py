@@ -143,7 +143,7 @@ def selfextend_attention(
     if not n_grouped:
         key_grouped = None
     elif key_grouped is None:
-        key_grouped = rotation(key[:, :, :n_grouped], geometry.key_positions[:, :n_grouped], "key")
+        key_grouped = rotation(key[:, :, :n_grouped], geometry.key_positions_of(0, n_grouped), "key")
     else:
         key_grouped = key_grouped[:, :, :n_grouped]
     out = query.new_empty(b, n, h, d)

@@ -41,12 +41,26 @@ class KVLayout:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Per-row RoPE positions of queries and keys, and the index shift: distance(t, s) = shift + t - s."""
+    """Per-row RoPE positions of queries and keys, and the index shift: distance(t, s) = shift + t - s.
+
+    Key positions run on by one from each row's first; they are built when read (`key_positions`, or a range of
+    them), since a decode step reads only its new keys' and building all of a long cache's costs more than the
+    rest of the step's attention Python."""
 
     shift: int
     query_positions: torch.Tensor  # [batch, n_queries] long
-    key_positions: torch.Tensor  # [batch, n_keys] long
+    first_key_position: torch.Tensor  # [batch, 1] long: key index 0's position (negative: before the row's sequence)
+    n_keys: int
     valid: torch.Tensor | None  # [batch, n_keys] bool or None
+
+    @property
+    def key_positions(self) -> torch.Tensor:
+        """[batch, n_keys] long."""
+        return self.key_positions_of(0, self.n_keys)
+
+    def key_positions_of(self, start: int, stop: int) -> torch.Tensor:
+        """[batch, stop - start] long: the positions of keys start..stop."""
+        return self.first_key_position + torch.arange(start, stop, device=self.first_key_position.device)
 
 
 def layout_mask(
@@ -116,6 +130,8 @@ def sequence_starts(
 
 def _split_sequences(starts: torch.Tensor) -> list[tuple[int, int, int]] | None:
     """(row, first query, end) of each sequence when some row holds several (packed); None otherwise."""
+    if starts.shape[1] < 2:  # one query a row (a decode step): one sequence
+        return None
     changes = starts[:, 1:] != starts[:, :-1]
     if not bool(changes.any()):
         return None
@@ -166,12 +182,12 @@ def resolve_geometry(
     start = starts[:, -1:]
     shift = layout.q_offset - layout.kv_offset
     query_positions = layout.q_offset + torch.arange(n_queries, device=device) - start
-    key_positions = layout.kv_offset + torch.arange(n_keys, device=device) - start
+    geometry = Geometry(shift, query_positions, layout.kv_offset - start, n_keys, None)
     valid = None if layout.valid is None else layout.valid.to(device)
     if bool((start > layout.kv_offset).any()):
-        after_start = key_positions >= 0
+        after_start = geometry.key_positions >= 0
         valid = after_start if valid is None else valid & after_start
-    return Geometry(shift, query_positions, key_positions, valid)
+    return replace(geometry, valid=valid)
 
 
 def grouped_key_count(geometry: Geometry, n_queries: int, n_keys: int, window: int) -> int:
