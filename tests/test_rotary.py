@@ -52,6 +52,29 @@ def test_grouped_angles_are_the_same_bits_however_asked_and_kept_a_few_blocks_at
     assert torch.equal(cos[0, :2], cos[0, 2:3].expand(2, -1))  # padding takes position 0's angles
 
 
+def test_frequencies_changed_in_place_or_replaced_rebuild_the_angles():
+    """Dynamic RoPE changes the frequencies between calls (a new tensor, or written in place): the kept blocks
+    are rebuilt from the new ones; unchanged ones are not compared again at every call."""
+    holder = torch.nn.Module()
+    holder.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)))
+    rotation = GroupedRotation(4, 32, RopeSource(holder, "inv_freq"))
+    positions, cpu = torch.arange(100, 103)[None], torch.device("cpu")
+
+    def expected():
+        return rotation_tables(rotation._shift("key", positions[0]), holder.inv_freq)[0]
+
+    assert torch.equal(rotation.angles(positions, "key", cpu)[0][0], expected())
+    holder.inv_freq.mul_(0.5)  # in place
+    assert torch.equal(rotation.angles(positions, "key", cpu)[0][0], expected())
+    holder.inv_freq = holder.inv_freq * 0.25  # replaced
+    assert torch.equal(rotation.angles(positions, "key", cpu)[0][0], expected())
+    with torch.inference_mode():  # an inference tensor counts no writes: compared at every call
+        holder.inv_freq = holder.inv_freq * 2
+        assert torch.equal(rotation.angles(positions, "key", cpu)[0][0], expected())
+        holder.inv_freq.mul_(3)
+        assert torch.equal(rotation.angles(positions, "key", cpu)[0][0], expected())
+
+
 def test_model_without_rope_is_refused():
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(selfextend.UnsupportedModelError, match="no rotary position embedding"):

@@ -69,6 +69,8 @@ class GroupedRotation:
         self._blocks: dict[tuple[str, torch.device], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # in use order
         self._tables: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._inv_freq: torch.Tensor | None = None
+        self._seen: tuple[torch.Tensor, int | None] | None = None  # the inverse frequencies last compared, and
+        # their version
 
     @property
     def inv_freq(self) -> torch.Tensor:
@@ -82,8 +84,15 @@ class GroupedRotation:
     def _current(self) -> torch.Tensor:
         """The inverse frequencies, after dropping every block built from others (dynamic RoPE changes them)."""
         inv_freq = self.inv_freq
+        # the same tensor, unwritten since, needs no comparing (a decode step asks at every layer); an inference
+        # tensor keeps no count of its writes, so it is compared every time
+        version = None if inv_freq.is_inference() else inv_freq._version
+        seen = self._seen
+        if version is not None and seen is not None and seen[0] is inv_freq and seen[1] == version:
+            return inv_freq
         if self._inv_freq is None or not torch.equal(self._inv_freq, inv_freq.to(self._inv_freq.device)):
             self._blocks, self._tables, self._inv_freq = {}, {}, inv_freq.clone()
+        self._seen = (inv_freq, version)
         return inv_freq
 
     def _block(self, kind: str, index: int, device: torch.device, inv_freq: torch.Tensor):
