@@ -110,8 +110,8 @@ def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tenso
 
 
 def _store(slot: torch.Tensor, new: torch.Tensor, name: str) -> None:
-    """Write `new` into `slot` (positions of a buffer), converted to the slot's dtype; a {name} that dtype cannot
-    hold is refused (nothing the layer holds has changed then)."""
+    """Write `new` (keys or values, as `name` says) into `slot`, positions of a buffer past what its layer holds,
+    converted to the slot's dtype; what that dtype cannot hold is refused, the layer's tensors unchanged."""
     if slot.dtype != new.dtype:
         past = cache_native.store_half(slot, new)
         if past is not None:

@@ -9,9 +9,9 @@
   which needs the `kernels` package and replaces layers by kernels fetched from the Hub at run time, with their
   own numerics. Earlier releases default to off; we load with them off on every release (`LOAD_OPTIONS`).
 - A model's RoPE: with the `kernels` package, each attention module calls `apply_rotary_pos_emb` through a
-  module of its own in `_kernel_funcs` (kernels' `use_kernelized_func`; kernel layer "rotary_pos_emb"), whose `forward` is what `kernelize`
-  replaces; `rotary_wrappers` finds them, so `rope_native` can give them its forward. Without `kernels` (or on
-  releases before the wrappers) there are none, and RoPE runs as the model wrote it.
+  module of its own in `_kernel_funcs` (kernels' `use_kernelized_func`; kernel layer "rotary_pos_emb"), whose
+  `forward` is what `kernelize` replaces; `rotary_wrappers` finds them, so `rope_native` can give them its
+  forward. Without `kernels` (or on releases before the wrappers) there are none, and RoPE runs as written.
 """
 
 from __future__ import annotations
