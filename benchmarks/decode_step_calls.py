@@ -1,9 +1,9 @@
 """A decode step of the embedded Gemma 3 270M (int8 weights, float16 KV cache, SelfExtend) over a cache of n
 random tokens, timed per call of its parts: the attention kernels (full-attention and sliding-window layers), the
-cache updates, RoPE, the forward pass's geometry, and torch's own operators (their self time and count, from
-torch's profiler). Run it under an older checkout's `src` on PYTHONPATH to time that one's parts. With `--env`, whole
-steps are timed in fresh processes under each environment in turn (e.g. OpenMP's wait policy, read when torch
-starts), alternating, and compared with the first.
+cache updates, RoPE, SelfExtend's grouped rotations, the forward pass's geometry, and torch's own operators (their
+self time and count, from torch's profiler). Run it under an older checkout's `src` on PYTHONPATH to time that
+one's parts. With `--env`, whole steps are timed in fresh processes under each environment in turn (e.g. OpenMP's
+wait policy, read when torch starts), alternating, and compared with the first.
 
     python benchmarks/decode_step_calls.py --tokens 16384
     python benchmarks/decode_step_calls.py --tokens 16384 --env "" OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=3000000
@@ -26,7 +26,7 @@ def measure(tokens: int, steps: int) -> dict:
     import torch
 
     import selfextend
-    from selfextend import integration, kv_cache, models
+    from selfextend import integration, kv_cache, models, rotary
     from selfextend.attention import few_native
     from selfextend.transformers_compat import cache_kwargs
     from decode_breakdown import _random_cache
@@ -54,6 +54,7 @@ def measure(tokens: int, steps: int) -> dict:
     timed(kv_cache.SlidingLayer, "update", "sliding cache update")
     timed(kv_cache.GrowingLayer, "update", "full cache update")
     timed(integration, "_sequences_of", "a pass's geometry (_sequences_of)")
+    timed(rotary.GroupedRotation, "__call__", "grouped rotation (GroupedRotation)")
     modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
     timed(modeling, "apply_rotary_pos_emb", "RoPE (apply_rotary_pos_emb)")
     token = torch.tensor([[1]])

@@ -115,7 +115,7 @@ def rotated_keys(monkeypatch) -> list[int]:
     sizes: list[int] = []
     rotate = GroupedRotation.__call__
 
-    def counting(self, x, positions, kind):
+    def counting(self, x, positions, kind):  # positions: a tensor, or the first of consecutive ones
         if kind == "key":
             sizes.append(x.shape[2])
         return rotate(self, x, positions, kind)

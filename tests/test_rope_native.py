@@ -1,5 +1,6 @@
 """A decode step's RoPE in C: the same bits as transformers' rotate-half formula, given to every family whose
-attention calls it through its own wrapper, and never to a formula it does not recognise."""
+attention calls it through its own wrapper, and never to a formula it does not recognise; SelfExtend's grouped
+rotation of a decode step's rows in C, the same bits as torch's."""
 
 from types import MethodType
 
@@ -10,6 +11,7 @@ import transformers.models.gemma3.modeling_gemma3 as gemma3
 import selfextend
 from selfextend import rope_native
 from selfextend.integration import _attention_modules
+from selfextend.rotary import GroupedRotation, RopeSource, native_turn, rotate, rotation_tables
 from selfextend.transformers_compat import cache_kwargs, rotary_wrappers
 from selfextend.weights import compress
 from conftest import FAMILIES, make_model
@@ -93,3 +95,38 @@ def test_int8_models_decode_the_same_logits_with_the_native_rope(family, monkeyp
                 token = logits[:, -1:].argmax(-1)
         runs.append(torch.cat(steps, 1))
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,h,n,d", [(1, 4, 1, 256), (2, 3, 5, 6), (1, 1, 16, 2)])
+def test_the_grouped_rotation_is_torchs_bit_for_bit(dtype, b, h, n, d):
+    """rotary.rotate fuses addcmul_'s product into its sum: the C rotation must round exactly as it does, float16
+    rows rotated in float32 and rounded once (a float16 cache's kept keys are written by both, prefill and decode)."""
+    generator = torch.Generator().manual_seed(n * d)
+    for magnitude in (1e-40, 1e-3, 1.0, 1e4):  # subnormal, ordinary, near float16's largest (65504)
+        x = (torch.randn(b, n, h, d, generator=generator) * magnitude).to(dtype).transpose(1, 2)  # strided heads
+        cos, sin = rotation_tables(torch.randint(0, 10**6, (b, n), generator=generator), torch.rand(d // 2) * 2)
+        assert rope_native.turns(x, cos, sin)
+        want = rotate(x.float(), cos[:, None], sin[:, None]).to(dtype)
+        assert torch.equal(rope_native.turn(x, cos, sin), want)
+
+
+def test_grouped_rotation_takes_the_c_call_for_a_decode_steps_rows_only():
+    rotation = GroupedRotation(4, 8, RopeSource(torch.nn.Module(), "inv_freq"))
+    rotation.rope.module.register_buffer("inv_freq", torch.rand(4))
+    assert native_turn()
+    calls = []
+    original = rope_native.turn
+    try:
+        rope_native.turn = lambda *args: calls.append(args[0].shape[2]) or original(*args)
+        for n in (1, rope_native.NATIVE_POSITIONS, rope_native.NATIVE_POSITIONS + 1):
+            x = torch.randn(1, 2, n, 8)
+            positions = torch.arange(100, 100 + n)[None]
+            cos, sin = rotation.angles(positions, "key", x.device)
+            assert torch.equal(rotation(x, positions, "key"), rotate(x, cos[:, None], sin[:, None]))
+        x = torch.randn(1, 2, 1, 8, requires_grad=True)  # autograd: torch's operations
+        rotation(x, torch.tensor([[5]]), "query").sum().backward()
+        assert x.grad is not None
+    finally:
+        rope_native.turn = original
+    assert calls == [1, rope_native.NATIVE_POSITIONS]

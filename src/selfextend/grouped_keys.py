@@ -46,7 +46,9 @@ class GroupedKeys:
             kept = self.buffer[:, :, :self.count] if self.count else None
             self.buffer = room_for(self.buffer, n_grouped, key, kept, spare_within(self.capacity, n_grouped))
             new = slice(self.count, n_grouped)
-            self.buffer[:, :, new] = rotation(key[:, :, new], geometry.key_positions_of(new.start, new.stop), "key")
+            start = first_position + new.start  # an int where it can be: no positions tensor built
+            positions = start if start >= 0 else geometry.key_positions_of(new.start, new.stop)
+            self.buffer[:, :, new] = rotation(key[:, :, new], positions, "key")
             self.count = n_grouped
         self._seen = weakref.ref(key)
         return self.buffer[:, :, :n_grouped]

@@ -1,4 +1,5 @@
-"""A decode step's RoPE in one C call per layer (`rope_native.c`), float32 on CPU, the same bits as transformers'.
+"""A decode step's RoPE in one C call per layer (`rope_native.c`), float32 on CPU, the same bits as transformers',
+and SelfExtend's rotation of its few queries and keys to grouped positions (`turn`), the same bits as `rotary.rotate`.
 
 transformers' `apply_rotary_pos_emb` (rotate-half form) is a dozen torch operations per layer, and with the
 `kernels` package it is called through two module wrappers: about 50-90 us a layer on two cores, 1-1.7 ms of a
@@ -33,6 +34,8 @@ def library() -> ctypes.CDLL:
     lib = load(SOURCE)
     lib.se_rope.restype = None
     lib.se_rope.argtypes = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I]
+    lib.se_turn.restype = None
+    lib.se_turn.argtypes = [_P, _I, _I, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _I]
     return lib
 
 
@@ -43,6 +46,26 @@ def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     library().se_rope(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], cos.data_ptr(), sin.data_ptr(),
                       *cos.stride()[:2], out_q.data_ptr(), out_k.data_ptr(), b, hq, k.shape[1], n, d)
     return out_q, out_k
+
+
+def turns(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `turn` takes this call: a few positions of float32 or float16 rows on CPU, laid out as it reads them,
+    outside autograd and tracing."""
+    return x.dim() == 4 and x.shape[2] <= NATIVE_POSITIONS and (x.dtype == torch.float32 or x.dtype == torch.float16) \
+        and cos.dtype == torch.float32 and x.is_cpu and cos.is_cpu and x.stride(-1) == 1 and x.shape[3] % 2 == 0 \
+        and cos.shape == (x.shape[0], x.shape[2], x.shape[3] // 2) and sin.shape == cos.shape \
+        and sin.stride() == cos.stride() and cos.stride(-1) == 1 \
+        and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+
+
+def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotary.rotate(x, cos[:, None], sin[:, None])` of a call `turns` takes, in C: x [b, h, n, d] float32 (float16:
+    rotated in float32, rounded once) by cos and sin [b, n, d/2]."""
+    b, h, n, d = x.shape
+    out = x.new_empty(b, h, n, d)
+    library().se_turn(x.data_ptr(), *x.stride()[:3], cos.data_ptr(), sin.data_ptr(), *cos.stride()[:2],
+                      out.data_ptr(), b, h, n, d, int(x.dtype == torch.float16))
+    return out
 
 
 def _takes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> bool:

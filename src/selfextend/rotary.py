@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from . import rope_native
+from .errors import NativeBuildError, UnsupportedModelError
 from .positions import grouped_key_position, grouped_query_position
 
 
@@ -42,6 +45,29 @@ def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> t
     """Move x [batch, heads, n, d], rotated at some positions, by `delta` [batch, n] positions."""
     cos, sin = rotation_tables(delta, inv_freq)
     return rotate(x, cos[:, None], sin[:, None])
+
+
+@cache
+def native_turn() -> bool:
+    """Whether a decode step's grouped rotations run in C (`rope_native.turn`): built here, and the same bits as
+    `rotate` on probes of float32 and float16 rows (torch fuses addcmul_'s product into its sum where the CPU has
+    fused multiply-add). If not, says once why they run in torch, a little slower."""
+    try:
+        rope_native.library()
+    except NativeBuildError as error:
+        warnings.warn(f"SelfExtend's decode-step rotations run on torch's operations, slower: {error}", stacklevel=3)
+        return False
+    generator = torch.Generator().manual_seed(0)
+    for dtype, (b, h, n, d) in ((torch.float32, (1, 4, 1, 256)), (torch.float16, (2, 3, 5, 6))):
+        x = (torch.randn(b, h, n, d, generator=generator) * 4).to(dtype)
+        cos, sin = rotation_tables(torch.randint(-10**5, 10**5, (b, n), generator=generator),
+                                   torch.rand(d // 2, generator=generator))
+        expected = rotate(x.float(), cos[:, None], sin[:, None]).to(dtype)
+        if not torch.equal(rope_native.turn(x, cos, sin), expected):
+            warnings.warn("SelfExtend's decode-step rotations run on torch's operations, slower: the C rotation's "
+                          "bits differ from torch's on this machine (please report it)", stacklevel=3)
+            return False
+    return True
 
 
 def _rotate_half_reference(x: torch.Tensor) -> torch.Tensor:
@@ -135,19 +161,27 @@ class GroupedRotation:
         """cos/sin [b, n, d/2] moving vectors at `positions` [b, n] to their grouped `kind` positions."""
         if torch.compiler.is_compiling():  # traced: from the positions themselves, no kept blocks to guard on
             return rotation_tables(self._shift(kind, positions.clamp_min(0).to(device)), self.inv_freq.to(device))
-        if positions.shape[0] == 1 and int(positions[0, 0]) >= 0:  # one row of consecutive positions
-            start = int(positions[0, 0])
-            cos, sin = self._span(kind, start, start + positions.shape[1], device)
-            return cos[None], sin[None]
+        if positions.shape[0] == 1:  # one row of consecutive positions (item(): a decode step's one, quicker)
+            start = positions.item() if positions.shape[1] == 1 else int(positions[0, 0])
+            if start >= 0:
+                cos, sin = self._span(kind, start, start + positions.shape[1], device)
+                return cos[None], sin[None]
         index = positions.clamp_min(0).to(device)  # padded positions (< 0) are masked later: any angle will do
         low = int(index.min())
         cos, sin = self._span(kind, low, int(index.max()) + 1, device)
         return cos[index - low], sin[index - low]
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str) -> torch.Tensor:
-        """Rotate x [b, h, n, d] (at `positions` [b, n], contiguous per row) to its grouped `kind` positions.
-        float16 (a float16 KV cache's keys) is rotated in float32 and rounded once."""
-        cos, sin = self.angles(positions, kind, x.device)
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor | int, kind: str) -> torch.Tensor:
+        """Rotate x [b, h, n, d] (at `positions` [b, n], contiguous per row; or, for one row, at the n positions from
+        an int >= 0) to its grouped `kind` positions. float16 (a float16 KV cache's keys) is rotated in float32 and
+        rounded once."""
+        if isinstance(positions, int):
+            cos, sin = self._span(kind, positions, positions + x.shape[2], x.device)
+            cos, sin = cos[None], sin[None]
+        else:
+            cos, sin = self.angles(positions, kind, x.device)
+        if rope_native.turns(x, cos, sin) and native_turn():  # a decode step's few: one C call, the same bits
+            return rope_native.turn(x, cos, sin)
         if x.dtype == torch.float16:
             return rotate(x.float(), cos[:, None], sin[:, None]).to(x.dtype)
         return rotate(x, cos[:, None], sin[:, None])
