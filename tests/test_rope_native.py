@@ -111,22 +111,20 @@ def test_the_grouped_rotation_is_torchs_bit_for_bit(dtype, b, h, n, d):
         assert torch.equal(rope_native.turn(x, cos, sin), want)
 
 
-def test_grouped_rotation_takes_the_c_call_for_a_decode_steps_rows_only():
+def test_grouped_rotation_takes_the_c_call_for_a_decode_steps_rows_only(monkeypatch):
     rotation = GroupedRotation(4, 8, RopeSource(torch.nn.Module(), "inv_freq"))
     rotation.rope.module.register_buffer("inv_freq", torch.rand(4))
     assert native_turn()
     calls = []
     original = rope_native.turn
-    try:
-        rope_native.turn = lambda *args: calls.append(args[0].shape[2]) or original(*args)
-        for n in (1, rope_native.NATIVE_POSITIONS, rope_native.NATIVE_POSITIONS + 1):
-            x = torch.randn(1, 2, n, 8)
-            positions = torch.arange(100, 100 + n)[None]
-            cos, sin = rotation.angles(positions, "key", x.device)
-            assert torch.equal(rotation(x, positions, "key"), rotate(x, cos[:, None], sin[:, None]))
-        x = torch.randn(1, 2, 1, 8, requires_grad=True)  # autograd: torch's operations
-        rotation(x, torch.tensor([[5]]), "query").sum().backward()
-        assert x.grad is not None
-    finally:
-        rope_native.turn = original
-    assert calls == [1, rope_native.NATIVE_POSITIONS]
+    monkeypatch.setattr(rope_native, "turn", lambda *args: calls.append(args[0].shape[2]) or original(*args))
+    for n in (1, rope_native.NATIVE_POSITIONS, rope_native.NATIVE_POSITIONS + 1):
+        x = torch.randn(1, 2, n, 8)
+        positions = torch.arange(100, 100 + n)[None]
+        cos, sin = rotation.angles(positions, "key", x.device)
+        assert torch.equal(rotation(x, positions, "key"), rotate(x, cos[:, None], sin[:, None]))
+        assert torch.equal(rotation(x, 100, "key"), rotate(x, cos[:, None], sin[:, None]))  # from an int position
+    x = torch.randn(1, 2, 1, 8, requires_grad=True)  # autograd: torch's operations
+    rotation(x, torch.tensor([[5]]), "query").sum().backward()
+    assert x.grad is not None
+    assert calls == [1, 1, rope_native.NATIVE_POSITIONS, rope_native.NATIVE_POSITIONS]

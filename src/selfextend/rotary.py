@@ -62,12 +62,19 @@ def native_turn() -> bool:
         x = (torch.randn(b, h, n, d, generator=generator) * 4).to(dtype)
         cos, sin = rotation_tables(torch.randint(-10**5, 10**5, (b, n), generator=generator),
                                    torch.rand(d // 2, generator=generator))
-        expected = rotate(x.float(), cos[:, None], sin[:, None]).to(dtype)
-        if not torch.equal(rope_native.turn(x, cos, sin), expected):
+        if not torch.equal(rope_native.turn(x, cos, sin), _turn_in_torch(x, cos, sin)):
             warnings.warn("SelfExtend's decode-step rotations run on torch's operations, slower: the C rotation's "
                           "bits differ from torch's on this machine (please report it)", stacklevel=3)
             return False
     return True
+
+
+def _turn_in_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, h, n, d] rotated by cos/sin [b, n, d/2] with torch's operations; float16 (a float16 KV cache's keys)
+    rotated in float32 and rounded once."""
+    if x.dtype == torch.float16:
+        return rotate(x.float(), cos[:, None], sin[:, None]).to(x.dtype)
+    return rotate(x, cos[:, None], sin[:, None])
 
 
 def _rotate_half_reference(x: torch.Tensor) -> torch.Tensor:
@@ -164,27 +171,26 @@ class GroupedRotation:
         if positions.shape[0] == 1:  # one row of consecutive positions (item(): a decode step's one, quicker)
             start = positions.item() if positions.shape[1] == 1 else int(positions[0, 0])
             if start >= 0:
-                cos, sin = self._span(kind, start, start + positions.shape[1], device)
-                return cos[None], sin[None]
+                return self._row(kind, start, positions.shape[1], device)
         index = positions.clamp_min(0).to(device)  # padded positions (< 0) are masked later: any angle will do
         low = int(index.min())
         cos, sin = self._span(kind, low, int(index.max()) + 1, device)
         return cos[index - low], sin[index - low]
 
+    def _row(self, kind: str, start: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [1, n, d/2] of the n consecutive positions from `start` (>= 0)."""
+        cos, sin = self._span(kind, start, start + n, device)
+        return cos[None], sin[None]
+
     def __call__(self, x: torch.Tensor, positions: torch.Tensor | int, kind: str) -> torch.Tensor:
         """Rotate x [b, h, n, d] (at `positions` [b, n], contiguous per row; or, for one row, at the n positions from
         an int >= 0) to its grouped `kind` positions. float16 (a float16 KV cache's keys) is rotated in float32 and
         rounded once."""
-        if isinstance(positions, int):
-            cos, sin = self._span(kind, positions, positions + x.shape[2], x.device)
-            cos, sin = cos[None], sin[None]
-        else:
-            cos, sin = self.angles(positions, kind, x.device)
+        cos, sin = self._row(kind, positions, x.shape[2], x.device) if isinstance(positions, int) else \
+            self.angles(positions, kind, x.device)
         if rope_native.turns(x, cos, sin) and native_turn():  # a decode step's few: one C call, the same bits
             return rope_native.turn(x, cos, sin)
-        if x.dtype == torch.float16:
-            return rotate(x.float(), cos[:, None], sin[:, None]).to(x.dtype)
-        return rotate(x, cos[:, None], sin[:, None])
+        return _turn_in_torch(x, cos, sin)
 
 
 @dataclass(frozen=True)
