@@ -2,7 +2,8 @@
 
 The route transformers documents for a compiled decode: its own `StaticCache`, SDPA attention, dense float32
 weights, `torch.compile(model.forward)`. Prints the eager step's time, the first compiled call's (the compile),
-each later call's (inductor's on-disk cache is a new, empty folder unless `--warm-cache`), how many graphs were compiled and why each recompile happened (dynamo's guard failures). With
+each later call's (inductor's on-disk cache is a new, empty folder unless `--warm-cache`), how many graphs were
+compiled and why each recompile happened (dynamo's guard failures). With
 `--explain`, also traces one decode step of generate's own configuration (int8 weights, SelfExtend, our KV cache)
 with `torch._dynamo.explain` and prints its graphs and graph breaks by reason: what a compiled step of ours would
 have to remove first. Bounded: `--steps` compiled calls, each at most one compile.
