@@ -35,6 +35,7 @@ def compiled_static_cache(tokens: int, steps: int) -> dict:
     from transformers import StaticCache
 
     from selfextend import models
+    from selfextend.transformers_compat import cache_kwargs
 
     model = models.load_model(models.resolve(None), weights="dense")
     model.set_attn_implementation("sdpa")
@@ -63,14 +64,14 @@ def compiled_static_cache(tokens: int, steps: int) -> dict:
 
     def step(forward):
         nonlocal position
-        out = forward(token, past_key_values=cache, cache_position=torch.tensor([position]),
+        out = forward(token, **cache_kwargs(model, cache), cache_position=torch.tensor([position]),
                       position_ids=torch.tensor([[position]]), use_cache=True, logits_to_keep=1)
         position += 1
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
     with torch.inference_mode():
         ids = torch.randint(10, 20000, (1, tokens), generator=torch.Generator().manual_seed(0))
-        model(ids, past_key_values=cache, cache_position=torch.arange(tokens), use_cache=True, logits_to_keep=1)
+        model(ids, **cache_kwargs(model, cache), cache_position=torch.arange(tokens), use_cache=True, logits_to_keep=1)
         token = torch.tensor([[1]])
         for _ in range(2):
             step(model.forward)
@@ -106,6 +107,7 @@ def explain_ours(tokens: int) -> dict:
         model(torch.tensor([[1]]), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         seconds, found = _timed(lambda: torch._dynamo.explain(model)(
             torch.tensor([[1]]), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1))
+
     def where(reason) -> str:  # the first line of the reason, at the innermost frame of ours (else of any code)
         frames = [f for f in reason.user_stack if "selfextend" in f.filename] or reason.user_stack
         frame = frames[-1] if frames else None

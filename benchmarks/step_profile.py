@@ -2,9 +2,9 @@
 
 Runs the work in a child process under `py-spy record` (a benchmark tool: `pip install py-spy`) and sums its
 samples by the innermost Python frame. A line that calls into C (our kernels through ctypes, torch's operators)
-holds the samples of that call, so "int8 products" is `linear_native.linear`'s kernel call with its wrapper, and
-so on. Prints the largest leaves, then the shares by source: our C kernels, torch's operators called from Python,
-and the Python of selfextend, transformers, torch.nn and the rest.
+holds the samples of that call, so the int8 layers' products are `linear_native.linear`'s kernel call with its
+wrapper, and so on. Prints the largest leaves, then the shares by source: our C kernels, torch's operators called
+from Python, and the Python of selfextend, transformers, torch.nn and the rest.
 
     python benchmarks/step_profile.py decode --tokens 16384 --steps 300
     python benchmarks/step_profile.py prefill --tokens 16384
@@ -25,7 +25,8 @@ from collections import Counter
 
 # leaf frames (function, file) whose samples are C work called from Python
 KERNELS = {
-    ("linear", "selfextend/linear_native.py"): "int8 layers' products (our C kernel up to 16 tokens, else torch's GEMM)",
+    ("linear", "selfextend/linear_native.py"):
+        "int8 layers' products (our C kernel up to 16 tokens, else torch's GEMM)",
     ("attend_two", "selfextend/attention/few_native.py"): "decode attention, full layers (C)",
     ("attend_few", "selfextend/attention/few_native.py"): "decode attention, sliding layers (C)",
     ("OpOverloadPacket.__call__", "torch/_ops.py"): "torch operators called as torch.ops (SDPA's flash kernel)",
