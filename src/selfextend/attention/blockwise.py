@@ -156,7 +156,9 @@ def _selfextend_block(out, query, key, value, geometry, rotation, key_grouped, n
     """Write the output rows of the query block starting at t0: its grouped rest, then its sub-blocks."""
     n, W = query.shape[2], rotation.window_size
     t1 = min(n, t0 + block)
-    rest_end = geometry.shift + t0 - W + (t1 - t0 == 1)  # keys before it: grouped for every query of the block
+    # keys before it: grouped for every query of the block (an int, not bool arithmetic: dynamo's symbolic
+    # shapes cannot add a bool to an int, as torch 2.11's auto-compiled static-cache generate on CUDA showed)
+    rest_end = geometry.shift + t0 - W + (1 if t1 - t0 == 1 else 0)
     grouped, rest = None, None
     if min(n_grouped, rest_end + t1 - t0) > 0:
         query_grouped = rotation(query[:, :, t0:t1], geometry.query_positions[:, t0:t1], "query")
