@@ -2,10 +2,11 @@
 the same model with transformers' SDPA attention, in one process.
 
 Random weights of the shape a config.json gives (speed does not depend on the weights' values; nothing is
-downloaded), bf16, batch 1, a DynamicCache. For each length: one prefill of n tokens, then `--new` decode steps
-of one token each; CUDA-event times (median of `--repeats`), peak memory above the weights, and SelfExtend's
-ratios to vanilla. SelfExtend's settings are planned for n + new tokens (what `apply(model, input_length=...)`
-gives a user), printed per length.
+downloaded), bf16, batch 1, a DynamicCache. For each length: one prefill of n tokens (logits of the last token
+only, as generate asks), then `--new` decode steps of one token each; CUDA-event times (median of `--repeats`),
+peak memory above the weights, and SelfExtend's ratios to vanilla. SelfExtend's settings are planned for
+n + new tokens (what `apply(model, input_length=...)` gives a user), printed per length. The first call at each
+new shape compiles FlexAttention's kernels and masks (tens of seconds): allow minutes per length.
 
     python benchmarks/gpu_model.py --config path/to/config.json --lengths 16384,65536,131072 --json out.json
 """
@@ -40,7 +41,8 @@ def _run(model, ids: torch.Tensor, new: int) -> tuple[float, float, int]:
     cache = transformers.DynamicCache(config=model.config)
     events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
     events[0].record()
-    logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
+    # the last token's logits only, as generate asks: all of them would be n × vocab (32 GiB at 64K for Gemma 3)
+    logits = model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     events[1].record()
     for _ in range(new):
         token = logits.argmax(-1, keepdim=True)
