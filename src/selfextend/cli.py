@@ -144,7 +144,8 @@ def cmd_generate(args) -> None:
     new = answer(model, ids, cache, args.max_new_tokens, pad_id(tokenizer), streamer)
     decode_seconds = time.perf_counter() - decode_start
     print(f"[selfextend] prefill {n} tokens in {prefill_seconds:.1f}s ({n / max(prefill_seconds, 1e-9):.0f} tok/s); "
-          f"{len(new)} new tokens in {decode_seconds:.1f}s", file=sys.stderr)
+          f"{len(new)} new tokens in {decode_seconds:.2f}s ({len(new) / max(decode_seconds, 1e-9):.1f} tok/s)",
+          file=sys.stderr)
     if key is not None:
         from .evaluation.tasks import is_correct
 
