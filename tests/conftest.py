@@ -58,6 +58,17 @@ def make_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model
 
 
+@torch.no_grad()
+def check_greedy_generate_is_recompute(model: transformers.PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> None:
+    """Greedy `generate` (decoding over its cache) gives the tokens of recomputing the whole sequence each step."""
+    generated = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    recomputed = ids
+    for _ in range(new_tokens):
+        next_token = model(recomputed, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        recomputed = torch.cat([recomputed, next_token], dim=1)
+    assert torch.equal(generated, recomputed)
+
+
 def make_profile(identity: str = "x", effective: int = 24, train: int = TRAIN_LENGTH, methods: dict | None = None):
     """A measured profile of effective length `effective`, with an optional SelfExtend/STRING comparison."""
     from selfextend.planning import Profile

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import selfextend
-from conftest import make_model
+from conftest import check_greedy_generate_is_recompute, make_model
 from selfextend.attention import flex
 from selfextend.attention.layout import KVLayout, resolve_geometry
 from selfextend.attention.reference import reference_attention
 from selfextend.positions import string_offset
 from selfextend.rotary import GroupedRotation, RopeSource
 from selfextend.transformers_compat import cache_kwargs
+from test_kernels import check_flex_against_oracle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -53,14 +54,7 @@ ROTATIONS = {"selfextend": lambda: _rotation(4, 256), "string": lambda: _rotatio
 def test_compiled_flex_matches_oracle(n_queries, n_keys, pads, method):
     assert n_queries >= flex.MIN_QUERIES  # the block-mask path, compiled on CUDA
     q, k, v, geometry = _problem(n_queries, n_keys, pads)
-    rotation = ROTATIONS[method]()
-    got = flex.selfextend_attention(q, k, v, geometry, rotation, 0.125)
-    expected = reference_attention(q, k, v, geometry, rotation, 0.125)
-    rows = geometry.query_positions >= 0
-    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=1e-5)
-    local = flex.local_attention(q, k, v, geometry, 512, 0.125)
-    expected_local = reference_attention(q, k, v, geometry, None, 0.125, local_window=512)
-    torch.testing.assert_close(local[rows], expected_local[rows], atol=1e-5, rtol=1e-5)
+    check_flex_against_oracle(flex, q, k, v, geometry, ROTATIONS[method](), 0.125, local_window=512)
 
 
 def test_bfloat16_flex_adds_no_error_beyond_bfloat16_attention():
@@ -103,14 +97,7 @@ def test_model_on_cuda_matches_oracle_and_cpu(family):
     cache = DynamicCache(config=model.config)
     chunks = [_logits(model, ids[:, a:b], **cache_kwargs(model, cache), use_cache=True) for a, b in ((0, 150), (150, 200))]
     torch.testing.assert_close(torch.cat(chunks, dim=1), oracle, atol=1e-5, rtol=1e-5)
-
-    with torch.no_grad():
-        generated = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    recomputed = ids
-    for _ in range(8):
-        next_token = _logits(model, recomputed, use_cache=False)[:, -1].argmax(-1, keepdim=True)
-        recomputed = torch.cat([recomputed, next_token], dim=1)
-    assert torch.equal(generated, recomputed)
+    check_greedy_generate_is_recompute(model, ids, 8)
 
 
 def _generate(model, ids, **kwargs) -> torch.Tensor:

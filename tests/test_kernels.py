@@ -142,19 +142,26 @@ def test_merge_of_split_keys_is_exact():
     torch.testing.assert_close(merge_states(outs, lses), torch.softmax(logits, -1) @ v)
 
 
+def check_flex_against_oracle(flex, q, k, v, geometry, rotation, scale: float, local_window: int | None = None):
+    """The FlexAttention backend's position map (and, given `local_window`, its sliding window) against the oracle
+    on every real query row."""
+    rows = geometry.query_positions >= 0
+    got = flex.selfextend_attention(q, k, v, geometry, rotation, scale)
+    expected = reference_attention(q, k, v, geometry, rotation, scale)
+    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=1e-5)
+    if local_window is not None:
+        local = flex.local_attention(q, k, v, geometry, local_window, scale)
+        expected_local = reference_attention(q, k, v, geometry, None, scale, local_window=local_window)
+        torch.testing.assert_close(local[rows], expected_local[rows], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n_queries, n_keys", [(70, 70), (40, 90), (1, 70)])
 @pytest.mark.parametrize("pads", [[0], [0, 11, 3]])
 def test_flex_backend_matches_oracle(n_queries, n_keys, pads, monkeypatch):
     flex = pytest.importorskip("selfextend.attention.flex")
     monkeypatch.setattr(flex, "MIN_QUERIES", 2)  # exercise the block-mask path at test sizes
     _, _, v, q, k, geometry = _problem(n_queries, n_keys, pads)
-    expected = reference_attention(q, k, v, geometry, _rotation(4, 8), 0.3)
-    got = flex.selfextend_attention(q, k, v, geometry, _rotation(4, 8), 0.3)
-    rows = geometry.query_positions >= 0
-    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=1e-5)
-    local = flex.local_attention(q, k, v, geometry, 12, 0.3)
-    expected_local = reference_attention(q, k, v, geometry, None, 0.3, local_window=12)
-    torch.testing.assert_close(local[rows], expected_local[rows], atol=1e-5, rtol=1e-5)
+    check_flex_against_oracle(flex, q, k, v, geometry, _rotation(4, 8), 0.3, local_window=12)
 
 
 def test_portable_partial_matches_cpu_kernel():

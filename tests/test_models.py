@@ -7,7 +7,7 @@ from transformers import DynamicCache
 import selfextend
 from selfextend.attention import blockwise
 from selfextend.transformers_compat import cache_kwargs
-from conftest import TRAIN_LENGTH, make_model
+from conftest import TRAIN_LENGTH, check_greedy_generate_is_recompute, make_model
 
 G, W = 4, 8  # extended limit (64 - 8)·4 + 8 = 232 tokens
 
@@ -66,14 +66,7 @@ def test_chunked_prefill_matches_one_shot(family):
 
 def test_greedy_generate_matches_full_recompute(family):
     model = selfextend.apply(make_model(family), G, W)
-    ids = _ids(150)
-    with torch.no_grad():
-        generated = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    recomputed = ids
-    for _ in range(12):
-        next_token = _logits(model, recomputed, use_cache=False)[:, -1].argmax(-1, keepdim=True)
-        recomputed = torch.cat([recomputed, next_token], dim=1)
-    assert torch.equal(generated, recomputed)
+    check_greedy_generate_is_recompute(model, _ids(150), 12)
 
 
 def test_left_padded_batch_rows_match_alone(family):

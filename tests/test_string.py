@@ -8,13 +8,13 @@ import torch
 from transformers import DynamicCache
 
 import selfextend
-from conftest import TRAIN_LENGTH, make_model, make_profile
+from conftest import TRAIN_LENGTH, check_greedy_generate_is_recompute, make_model, make_profile
 from selfextend.attention import blockwise
 from selfextend.attention.reference import reference_attention
 from selfextend.positions import string_offset
 from selfextend.rotary import GroupedRotation, RopeSource
 from selfextend.transformers_compat import cache_kwargs
-from test_kernels import INV_FREQ, _problem, check_pair_by_pair
+from test_kernels import INV_FREQ, _problem, check_flex_against_oracle, check_pair_by_pair
 
 S, w = 21, 5  # the tiny models' L = 64: S ≈ L/3
 
@@ -50,11 +50,7 @@ def test_flex_backend_matches_oracle(pads, monkeypatch):
     flex = pytest.importorskip("selfextend.attention.flex")
     monkeypatch.setattr(flex, "MIN_QUERIES", 2)
     _, _, v, q, k, geometry = _problem(70, 90, pads)
-    rotation = _string_rotation(20, 4)
-    expected = reference_attention(q, k, v, geometry, rotation, 0.3)
-    got = flex.selfextend_attention(q, k, v, geometry, rotation, 0.3)
-    rows = geometry.query_positions >= 0
-    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=1e-5)
+    check_flex_against_oracle(flex, q, k, v, geometry, _string_rotation(20, 4), 0.3)
 
 
 @pytest.fixture(autouse=True)
@@ -93,13 +89,7 @@ def test_chunked_prefill_and_decode_match_one_pass(family):
     cache = DynamicCache(config=model.config)
     chunks = [_logits(model, ids[:, a:a + 13], **cache_kwargs(model, cache), use_cache=True) for a in range(0, 60, 13)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), one_shot, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        generated = model.generate(ids[:, :50], max_new_tokens=10, do_sample=False, pad_token_id=0)
-    recomputed = ids[:, :50]
-    for _ in range(10):
-        next_token = _logits(model, recomputed, use_cache=False)[:, -1].argmax(-1, keepdim=True)
-        recomputed = torch.cat([recomputed, next_token], dim=1)
-    assert torch.equal(generated, recomputed)
+    check_greedy_generate_is_recompute(model, ids[:, :50], 10)
 
 
 def test_left_padded_batch_rows_match_alone(family):
