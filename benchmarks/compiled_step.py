@@ -95,14 +95,11 @@ def explain_ours(tokens: int) -> dict:
     """`torch._dynamo.explain` of one decode step as `generate` runs it: int8 weights, SelfExtend, our cache."""
     import torch
 
-    import selfextend
-    from selfextend import kv_cache, models
     from selfextend.transformers_compat import cache_kwargs
-    from decode_breakdown import _random_cache
+    from decode_breakdown import main_job_cache, main_job_model
 
-    model = models.load_model(models.resolve(None), weights="int8")
-    selfextend.apply(model, input_length=tokens + 64)
-    cache = _random_cache(model, tokens, kv_cache.cache_dtype("float16", model.dtype, model.device))
+    model = main_job_model(tokens + 64)
+    cache = main_job_cache(model, tokens)
     with torch.inference_mode():
         model(torch.tensor([[1]]), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         seconds, found = _timed(lambda: torch._dynamo.explain(model)(

@@ -134,6 +134,24 @@ def _random_cache(model, n: int, dtype=None):
     return cache
 
 
+def main_job_model(input_length: int):
+    """The embedded Gemma 3 270M as the main job decodes with it: int8 weights, SelfExtend planned for
+    `input_length` tokens."""
+    import selfextend
+    from selfextend import models
+
+    model = models.load_model(models.resolve(None), weights="int8")
+    selfextend.apply(model, input_length=input_length)
+    return model
+
+
+def main_job_cache(model, n: int):
+    """`_random_cache` of n tokens, stored as the main job stores its KV cache on CPU (float16)."""
+    from selfextend import kv_cache
+
+    return _random_cache(model, n, kv_cache.cache_dtype("float16", model.dtype, model.device))
+
+
 def _steps(model, timers: _Timers, cache, steps: int, warm_up: int) -> tuple[list, list]:
     """`warm_up` untimed decode steps, `steps` timed whole, `steps` timed by part: (seconds, (seconds, parts))."""
     import torch

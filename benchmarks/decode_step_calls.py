@@ -25,11 +25,10 @@ def measure(tokens: int, steps: int) -> dict:
     """Step and per-call times in this process (milliseconds and microseconds)."""
     import torch
 
-    import selfextend
-    from selfextend import integration, kv_cache, models, rotary
+    from selfextend import integration, kv_cache, rotary
     from selfextend.attention import few_native
     from selfextend.transformers_compat import cache_kwargs
-    from decode_breakdown import _random_cache
+    from decode_breakdown import main_job_cache, main_job_model
 
     spent, calls, on = defaultdict(float), defaultdict(int), [False]
 
@@ -46,9 +45,8 @@ def measure(tokens: int, steps: int) -> dict:
                     calls[label] += 1
         setattr(owner, name, wrapper)
 
-    model = models.load_model(models.resolve(None), weights="int8")
-    selfextend.apply(model, input_length=tokens + 3 * steps + 16)
-    cache = _random_cache(model, tokens, kv_cache.cache_dtype("float16", model.dtype, model.device))
+    model = main_job_model(tokens + 3 * steps + 16)
+    cache = main_job_cache(model, tokens)
     timed(few_native, "attend_two", "full-attention kernel (attend_two)")
     timed(few_native, "attend_few", "sliding-window kernel (attend_few)")
     timed(kv_cache.SlidingLayer, "update", "sliding cache update")

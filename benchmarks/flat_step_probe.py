@@ -72,18 +72,14 @@ def main() -> None:
 
     import torch
 
-    import selfextend
-    from selfextend import kv_cache, models
     from selfextend.transformers_compat import cache_kwargs
-    from decode_breakdown import _random_cache
+    from decode_breakdown import main_job_cache, main_job_model
 
-    model = models.load_model(models.resolve(None), weights="int8")
-    selfextend.apply(model, input_length=args.tokens + 2 * args.steps + 64)
-    dtype = kv_cache.cache_dtype("float16", model.dtype, model.device)
+    model = main_job_model(args.tokens + 2 * args.steps + 64)
     caches = {}
     for kind in ("transformers", "flat"):  # the same random keys and values in each
         torch.manual_seed(0)
-        caches[kind] = _random_cache(model, args.tokens, dtype)
+        caches[kind] = main_job_cache(model, args.tokens)
     times: dict[str, list[float]] = {"transformers": [], "flat": []}
     token = torch.tensor([[1]])
     equal = True

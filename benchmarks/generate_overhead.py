@@ -26,15 +26,12 @@ def main() -> None:
 
     import torch
 
-    import selfextend
-    from selfextend import kv_cache, models
     from selfextend.transformers_compat import cache_kwargs
-    from decode_breakdown import _random_cache
+    from decode_breakdown import main_job_cache, main_job_model
 
     n = options.tokens_per_round
-    model = models.load_model(models.resolve(None), weights="int8")
-    selfextend.apply(model, input_length=options.tokens + 2 * options.rounds * n + 16)
-    cache = _random_cache(model, options.tokens, kv_cache.cache_dtype("float16", model.dtype, model.device))
+    model = main_job_model(options.tokens + 2 * options.rounds * n + 16)
+    cache = main_job_cache(model, options.tokens)
     ids = torch.randint(3, 1000, (1, options.tokens + 1), generator=torch.Generator().manual_seed(0))
     extra = {"min_new_tokens": n} if options.min_new_tokens else {}
     spent = {"generate": [], "bare loop": []}

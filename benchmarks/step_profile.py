@@ -38,20 +38,18 @@ def work(kind: str, tokens: int, steps: int) -> None:
     """The profiled work, in this process."""
     import torch
 
-    import selfextend
-    from selfextend import inference, kv_cache, models
+    from selfextend import inference
     from selfextend.transformers_compat import cache_kwargs
+    from decode_breakdown import main_job_cache, main_job_model
 
-    model = models.load_model(models.resolve(None), weights="int8")
-    selfextend.apply(model, input_length=tokens + steps + 64)
+    model = main_job_model(tokens + steps + 64)
     start = time.perf_counter()
     if kind == "prefill":
         ids = torch.randint(10, 20000, (1, tokens + 1), generator=torch.Generator().manual_seed(0))
         inference.prefill(model, ids)
         print(json.dumps({"prefill_tok_s": tokens / (time.perf_counter() - start)}))
         return
-    from decode_breakdown import _random_cache
-    cache = _random_cache(model, tokens, kv_cache.cache_dtype("float16", model.dtype, model.device))
+    cache = main_job_cache(model, tokens)
     with torch.inference_mode():
         decode_steps(model, cache_kwargs(model, cache), 5)
         start = time.perf_counter()
