@@ -25,6 +25,11 @@ import tempfile
 from pathlib import Path
 
 NUMBER = r"([\d.]+)"
+# seen on an Intel VM that lists AMX but refuses it: llama.cpp's default native build died (SIGILL, SIGSEGV)
+CRASH_HINT = ("llama.cpp was killed by a signal. Its default build (GGML_NATIVE) uses every instruction set the CPU "
+              "lists, and a virtual machine may list AMX yet refuse it. Rebuild without AMX, e.g. -DGGML_NATIVE=OFF "
+              "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON (the flags this CPU "
+              "has; docs/results.md, session 31).")
 
 
 def _timed(command: list[str]) -> tuple[str, str, float]:
@@ -53,8 +58,14 @@ def ours(document: Path, question: str, new_tokens: int, weights: str, kv_cache_
 
 def llama(binary: str, gguf: str, prompt_file: Path, context: int, new_tokens: int, extra: list[str]) -> dict:
     """`llama-completion` on the same prompt: what its performance lines report."""
-    out, err, peak = _timed([binary, "-m", gguf, "-f", str(prompt_file), "-n", str(new_tokens), "-c", str(context),
-                             "-t", "2", "--temp", "0", "-s", "1", "-no-cnv", "--no-display-prompt", *extra])
+    try:
+        out, err, peak = _timed([binary, "-m", gguf, "-f", str(prompt_file), "-n", str(new_tokens), "-c",
+                                 str(context), "-t", "2", "--temp", "0", "-s", "1", "-no-cnv", "--no-display-prompt",
+                                 *extra])
+    except RuntimeError as error:
+        if "terminated by signal" not in str(error):
+            raise
+        raise RuntimeError(f"{error}\n{CRASH_HINT}") from None
     prefill = re.search(rf"prompt eval time =\s*{NUMBER} ms /\s*(\d+) tokens", err)
     decode = re.search(rf"\beval time =\s*{NUMBER} ms /\s*(\d+) runs", err)
     if prefill is None or decode is None:

@@ -15,7 +15,7 @@
 #define QBLOCK 32    /* weights per scale */
 #define MAX_ROWS 4   /* output rows per register tile */
 #define MAX_TOKENS 2 /* tokens per register tile */
-#define PREFETCH_TILES 2 /* how far ahead the weights are fetched */
+#define PREFETCH_TILES 1 /* how far ahead the weights are fetched */
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -54,8 +54,10 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t x
         for (int j = 0; j < tokens; j++)
             acc[i][j] = (v8f){0};
     const int64_t body = in - in % QBLOCK;
-    /* the rows two tiles on, fetched into every cache level while these are read (a prefetch past the end is
-       harmless); one tile on with the non-temporal hint, as before, made a decode step's products 10-15% slower */
+    /* the next tile's rows, fetched into every cache level while these are read (a prefetch past the end is
+       harmless). On an AVX-512 Intel VM, weights read from memory: the LM head 7.9 ms against 9.9 two tiles on and
+       13.3 with no prefetch, a 16K step 1.11x faster than two tiles on (docs/results.md, session 31); one tile on
+       with the non-temporal hint made a step's products 10-15% slower on an earlier machine */
     const int8_t *ahead = q + (r + PREFETCH_TILES * rows) * in;
     for (int64_t k = 0; k < body; k += QBLOCK) {
         for (int64_t c = 0; c < QBLOCK * rows; c += 64)
