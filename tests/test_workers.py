@@ -3,6 +3,7 @@ order on one thread, and the run-queue delay that says when."""
 
 import os
 import threading
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ several_cores = pytest.mark.skipif(min(torch.get_num_threads(), len(os.sched_get
 
 
 def _in_order(monkeypatch):
-    monkeypatch.setattr(workers, "workers_for", lambda like: 1)
+    monkeypatch.setattr(workers.contention, "look", lambda: False)
 
 
 @pytest.fixture
@@ -131,7 +132,12 @@ def test_contention_is_the_run_queue_delay_against_the_time_passed(monkeypatch):
     assert seen.look()  # too soon after the last look to tell: its answer stands
     clock[0] += 1.0
     assert not seen.look()  # no more delay since the last look that counted
-    assert not workers.Contention(lambda: None).look()  # no statistics on this system: never busy
+    blind = workers.Contention(lambda: None)
+    with pytest.warns(UserWarning, match="cannot see another process competing for the cores"):
+        assert not blind.look()  # no statistics on this system: never busy, and said once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not blind.look()
 
 
 def test_run_queue_delay_sums_the_threads_and_skips_what_it_cannot_read(tmp_path):
@@ -142,3 +148,42 @@ def test_run_queue_delay_sums_the_threads_and_skips_what_it_cannot_read(tmp_path
     assert workers.run_queue_delay(tmp_path) == 1000
     assert workers.run_queue_delay(tmp_path / "none") is None
     assert isinstance(workers.run_queue_delay(), (int, type(None)))
+
+
+def test_pressure_stall_is_the_some_total_and_the_fallback_where_threads_keep_no_statistics(tmp_path, monkeypatch):
+    pressure = tmp_path / "cpu"
+    pressure.write_text("some avg10=0.59 avg60=5.98 avg300=2.51 total=32419248\n"
+                        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert workers.pressure_stall(pressure) == 32_419_248_000
+    assert workers.pressure_stall(tmp_path / "none") is None
+    pressure.write_text("some avg10=0.59\n")
+    assert workers.pressure_stall(pressure) is None
+    monkeypatch.setattr(workers, "pressure_stall", lambda: 7)
+    monkeypatch.setattr(workers, "run_queue_delay", lambda: None)  # a kernel without schedstat (a Firecracker VM)
+    assert workers.waiting_for_cores() == 7
+    monkeypatch.setattr(workers, "run_queue_delay", lambda: 3)
+    assert workers.waiting_for_cores() == 3
+
+
+@several_cores
+def test_blocks_run_in_order_hand_the_rest_to_the_workers_once_the_process_is_seen_competing(monkeypatch):
+    answers = iter([False, False, True])  # a first look has nothing to compare; a competitor seen at the third
+    monkeypatch.setattr(workers.contention, "look", lambda: next(answers))
+    names = []
+    workers.run_blocks(lambda i: names.append((i, threading.current_thread().name)), [(i,) for i in range(5)],
+                       torch.zeros(1))
+    here = threading.current_thread().name
+    assert names[:2] == [(0, here), (1, here)]
+    assert sorted(i for i, _ in names[2:]) == [2, 3, 4] and all(n.startswith("selfextend-block") for _, n in names[2:])
+
+
+def test_a_look_too_soon_after_the_last_reads_nothing(monkeypatch):
+    clock, reads = [100.0], []
+    monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+    seen = workers.Contention(lambda: reads.append(1) or 0)
+    for _ in range(5):
+        seen.look()
+    assert len(reads) == 1
+    clock[0] += 1.0
+    seen.look()
+    assert len(reads) == 2

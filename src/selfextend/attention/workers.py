@@ -7,7 +7,8 @@ quiet machine (docs/results.md, "On a busy machine"). Whole blocks per worker ne
 by a competitor takes fewer blocks. On a quiet machine the workers cost prefill speed (small calls handed to a
 thread) and memory (each thread's allocator arena), so they run only while this process's threads are seen
 waiting for a core: their run-queue delay (Linux's /proc/self/task/*/schedstat) since the last look is more
-than `BUSY` of the time passed. Never under autograd or torch.compile, nor with one core for this thread, nor in
+than `BUSY` of the time passed. Kernels built without those statistics (seen on a Firecracker VM) may still keep
+the machine's CPU pressure (/proc/pressure/cpu: the time some task waited for a core), which is used instead. Never under autograd or torch.compile, nor with one core for this thread, nor in
 a process whose threads someone else places (`leave_threads_alone`: vLLM's CPU worker binds torch's threads to
 cores and refuses to change their count).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -49,22 +51,52 @@ def run_queue_delay(tasks: Path = Path("/proc/self/task")) -> int | None:
     return total if seen else None
 
 
+def pressure_stall(pressure: Path = Path("/proc/pressure/cpu")) -> int | None:
+    """Nanoseconds during which some task on this machine waited for a core (Linux's pressure stall information,
+    its 'some' total); None where the system does not say."""
+    try:
+        for line in pressure.read_text().splitlines():
+            if line.startswith("some "):
+                return int(line.rsplit("total=", 1)[1]) * 1000
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def waiting_for_cores() -> int | None:
+    """The wait that says whether this process competes for cores: its threads' run-queue delay where the kernel
+    keeps it, else the machine's CPU pressure stall; None where neither is kept."""
+    delay = run_queue_delay()
+    return delay if delay is not None else pressure_stall()
+
+
 class Contention:
     """Whether this process competes for cores now: its threads' run-queue delay over the wall time between looks."""
 
-    def __init__(self, delay: Callable[[], int | None] = run_queue_delay) -> None:
+    def __init__(self, delay: Callable[[], int | None] = waiting_for_cores) -> None:
         self._delay = delay
         self._last: tuple[float, int] | None = None
         self.busy = False
+        self._blind_said = False
 
     def look(self) -> bool:
-        """Busy or not by the delay since the last look; the last answer stands if that was under `_LOOK_EVERY` ago."""
-        now, delay = time.monotonic(), self._delay()
+        """Busy or not by the delay since the last look; the last answer stands if that was under `_LOOK_EVERY` ago
+        (cheap then: nothing is read, so a call may look again after each of its blocks)."""
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < _LOOK_EVERY:
+            return self.busy
+        delay = self._delay()
         if delay is None:
             self._last, self.busy = None, False
+            if not self._blind_said:
+                self._blind_said = True
+                warnings.warn("this system keeps neither per-thread scheduler statistics nor CPU pressure "
+                              "(/proc/self/task/*/schedstat, /proc/pressure/cpu), so selfextend cannot see another "
+                              "process competing for the cores: its prefill kernels stay on OpenMP, up to ~3x "
+                              "vanilla's time on a busy machine (docs/results.md)", stacklevel=2)
         elif self._last is None:
             self._last = (now, delay)
-        elif now - self._last[0] >= _LOOK_EVERY:
+        else:
             self.busy = (delay - self._last[1]) / 1e9 > BUSY * (now - self._last[0])
             self._last = (now, delay)
         return self.busy
@@ -90,27 +122,37 @@ def _mark_worker() -> None:
     _local.worker = True
 
 
-def workers_for(like: torch.Tensor) -> int:
-    """How many workers run the blocks of a call on `like`'s tensors: 1 (run in order here) unless it is a CPU
-    call without autograd or tracing, torch uses several threads, this thread may run on that many cores, and
-    the process is competing for them."""
+def _cores_for(like: torch.Tensor) -> int:
+    """How many workers could run the blocks of a call on `like`'s tensors, contention aside: 1 unless it is a CPU
+    call without autograd or tracing, torch uses several threads and this thread may run on that many cores."""
     if like.device.type != "cpu" or (torch.is_grad_enabled() and like.requires_grad) \
             or torch.compiler.is_compiling() or getattr(_local, "worker", False) or _threads_placed_by is not None:
         return 1
-    count = min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
+    return min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
+
+
+def workers_for(like: torch.Tensor) -> int:
+    """How many workers run the blocks of a call on `like`'s tensors now: `_cores_for(like)` while the process is
+    competing for cores, else 1 (in order here)."""
+    count = _cores_for(like)
     return count if count > 1 and contention.look() else 1
 
 
 def run_blocks(block: Callable[..., None], calls: list[tuple], like: torch.Tensor, growing: bool = False) -> None:
     """`block(*args)` for each args of `calls` (independent: each writes its own rows), on `workers_for(like)`
     workers when that is more than one and there are several calls, else one after another here; an exception
-    is raised here. `growing`: the calls are listed by growing cost, so the workers take the last, longest first."""
+    is raised here. `growing`: the calls are listed by growing cost, so the workers take the last, longest first.
+    Blocks run in order look again after each one, and hand the rest to the workers once the process is seen
+    competing: a first look has nothing to compare with, and a competitor may start within a call."""
     global _pool, _pool_size
-    count = workers_for(like) if len(calls) > 1 else 1
-    if count == 1:
-        for args in calls:
-            block(*args)
+    count = _cores_for(like) if len(calls) > 1 else 1
+    done = 0
+    while done < len(calls) and (count == 1 or not contention.look()):
+        block(*calls[done])
+        done += 1
+    if done == len(calls):
         return
+    calls = calls[done:]
     with _one_call:
         if _pool is None or _pool_size != count:
             if _pool is not None:
