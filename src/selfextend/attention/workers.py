@@ -7,10 +7,10 @@ quiet machine (docs/results.md, "On a busy machine"). Whole blocks per worker ne
 by a competitor takes fewer blocks. On a quiet machine the workers cost prefill speed (small calls handed to a
 thread) and memory (each thread's allocator arena), so they run only while this process's threads are seen
 waiting for a core: their run-queue delay (Linux's /proc/self/task/*/schedstat) since the last look is more
-than `BUSY` of the time passed. Kernels built without those statistics (seen on a Firecracker VM) may still keep
-the machine's CPU pressure (/proc/pressure/cpu: the time some task waited for a core), which is used instead. Never under autograd or torch.compile, nor with one core for this thread, nor in
-a process whose threads someone else places (`leave_threads_alone`: vLLM's CPU worker binds torch's threads to
-cores and refuses to change their count).
+than `BUSY` of the time passed. Kernels built without those statistics (seen on a Firecracker VM) may still
+keep the machine's CPU pressure (/proc/pressure/cpu: the time some task waited for a core), used instead. Never
+under autograd or torch.compile, nor with one core for this thread, nor in a process whose threads someone else
+places (`leave_threads_alone`: vLLM's CPU worker binds torch's threads to cores and refuses to change their count).
 """
 
 from __future__ import annotations
@@ -122,19 +122,14 @@ def _mark_worker() -> None:
     _local.worker = True
 
 
-def _cores_for(like: torch.Tensor) -> int:
-    """How many workers could run the blocks of a call on `like`'s tensors, contention aside: 1 unless it is a CPU
-    call without autograd or tracing, torch uses several threads and this thread may run on that many cores."""
+def workers_for(like: torch.Tensor) -> int:
+    """How many workers run the blocks of a call on `like`'s tensors now: 1 (run in order here) unless it is a CPU
+    call without autograd or tracing, torch uses several threads, this thread may run on that many cores, and
+    the process is competing for them."""
     if like.device.type != "cpu" or (torch.is_grad_enabled() and like.requires_grad) \
             or torch.compiler.is_compiling() or getattr(_local, "worker", False) or _threads_placed_by is not None:
         return 1
-    return min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
-
-
-def workers_for(like: torch.Tensor) -> int:
-    """How many workers run the blocks of a call on `like`'s tensors now: `_cores_for(like)` while the process is
-    competing for cores, else 1 (in order here)."""
-    count = _cores_for(like)
+    count = min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
     return count if count > 1 and contention.look() else 1
 
 
@@ -145,11 +140,12 @@ def run_blocks(block: Callable[..., None], calls: list[tuple], like: torch.Tenso
     Blocks run in order look again after each one, and hand the rest to the workers once the process is seen
     competing: a first look has nothing to compare with, and a competitor may start within a call."""
     global _pool, _pool_size
-    count = _cores_for(like) if len(calls) > 1 else 1
-    done = 0
-    while done < len(calls) and (count == 1 or not contention.look()):
+    done, count = 0, workers_for(like) if len(calls) > 1 else 1
+    while count == 1 and done < len(calls):
         block(*calls[done])
         done += 1
+        if 1 < len(calls) - done:
+            count = workers_for(like)  # cheap: a look within 10 ms of the last reads nothing
     if done == len(calls):
         return
     calls = calls[done:]
