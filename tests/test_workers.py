@@ -188,19 +188,3 @@ def test_a_look_too_soon_after_the_last_reads_nothing(monkeypatch):
     seen.look()
     assert len(reads) == 2
 
-
-@several_cores
-def test_the_sub_blocks_of_a_single_block_call_go_to_the_workers_and_equal_them_in_order(monkeypatch, busy):
-    _, _, v, q, k, geometry = _problem(40, 52, pads=[0])
-    rotation, names = _rotation(3, 6), []
-    original = blockwise._attend_sub_block
-    monkeypatch.setattr(blockwise, "_attend_sub_block", lambda *a: (
-        names.append(threading.current_thread().name), original(*a))[1])
-    with torch.inference_mode():
-        on_workers = blockwise.selfextend_attention(q, k, v, geometry, rotation, 0.25, block=64)  # one block
-        assert len(names) == 7 and all(name.startswith("selfextend-block") for name in names)  # 40 rows by 6
-        _in_order(monkeypatch)
-        names.clear()
-        in_order = blockwise.selfextend_attention(q, k, v, geometry, rotation, 0.25, block=64)
-        assert names == [threading.current_thread().name] * 7
-    assert torch.equal(on_workers, in_order)

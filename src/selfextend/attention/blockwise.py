@@ -85,29 +85,22 @@ def _pieces(query, key, value, geometry, t0, window, scale, grouped=None) -> lis
 def _attend_block(out, query, key, value, geometry, t0, window, scale, sub, grouped=None, rest=None) -> None:
     """Write the output rows of the block starting at t0 (`query` is its slice), sub-block by sub-block, each
     merging its pieces with its rows of `rest`, the block's partial over the keys all its queries see grouped.
-    The sub-blocks are independent, so on a busy machine the workers take them (one block is a whole call of a
-    prefill chunk).
 
     A block whose every pair is within the window is one sub-block: a causal diagonal and a full band,
     what plain causal attention runs."""
     if geometry.shift + t0 + query.shape[2] - 1 < window:
         sub = query.shape[2]
-    run_blocks(_attend_sub_block, [(out, query, key, value, geometry, t0, window, scale, r0, sub, grouped, rest)
-                                   for r0 in range(0, query.shape[2], sub)], query)
-
-
-def _attend_sub_block(out, query, key, value, geometry, t0, window, scale, r0, sub, grouped, rest) -> None:
-    """The rows r0..r0 + sub of `_attend_block`'s block."""
-    rows = slice(r0, r0 + sub)
-    piece = None if grouped is None else (grouped[0][:, :, rows], grouped[1], grouped[2])
-    parts = _pieces(query[:, :, rows], key, value, geometry, t0 + r0, window, scale, piece)
-    if rest is not None:
-        parts.append((rest[0][:, :, rows], rest[1][:, :, rows]))
-    if len(parts) == 1:  # attend's output is already 0 on rows that see no key
-        merged = parts[0][0].float()
-    else:
-        merged = merge_states([o for o, _ in parts], [lse for _, lse in parts])
-    out[:, t0 + r0:t0 + r0 + merged.shape[2]] = merged.transpose(1, 2)
+    for r0 in range(0, query.shape[2], sub):
+        rows = slice(r0, r0 + sub)
+        piece = None if grouped is None else (grouped[0][:, :, rows], grouped[1], grouped[2])
+        parts = _pieces(query[:, :, rows], key, value, geometry, t0 + r0, window, scale, piece)
+        if rest is not None:
+            parts.append((rest[0][:, :, rows], rest[1][:, :, rows]))
+        if len(parts) == 1:  # attend's output is already 0 on rows that see no key
+            merged = parts[0][0].float()
+        else:
+            merged = merge_states([o for o, _ in parts], [lse for _, lse in parts])
+        out[:, t0 + r0:t0 + r0 + merged.shape[2]] = merged.transpose(1, 2)
 
 
 def _block_sizes(geometry: Geometry, n: int, window: int, block: int | None) -> tuple[int, int]:
