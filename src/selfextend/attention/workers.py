@@ -71,7 +71,8 @@ def waiting_for_cores() -> int | None:
 
 
 class Contention:
-    """Whether this process competes for cores now: its threads' run-queue delay over the wall time between looks."""
+    """Whether this process competes for cores now: the wait for cores (`waiting_for_cores`: its threads' run-queue
+    delay, else the machine's CPU pressure) over the wall time between looks."""
 
     def __init__(self, delay: Callable[[], int | None] = waiting_for_cores) -> None:
         self._delay = delay
