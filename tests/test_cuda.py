@@ -12,41 +12,26 @@ from transformers import DynamicCache
 import selfextend
 from conftest import check_greedy_generate_is_recompute, make_model
 from selfextend.attention import flex
-from selfextend.attention.layout import KVLayout, resolve_geometry
 from selfextend.attention.reference import reference_attention
 from selfextend.positions import string_offset
-from selfextend.rotary import GroupedRotation, RopeSource
 from selfextend.transformers_compat import cache_kwargs
-from test_kernels import check_flex_against_oracle
+from test_kernels import check_flex_against_oracle, make_problem, make_rotation
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 CUDA = torch.device("cuda")
 HEAD_DIM = 64
-INV_FREQ = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
 G, W = 4, 8  # the tiny models' settings, as in test_models
 
 
-def _rotation(group_size: int, window: int, offset: int | None = None) -> GroupedRotation:
-    holder = torch.nn.Module()
-    holder.register_buffer("inv_freq", INV_FREQ.to(CUDA))
-    return GroupedRotation(group_size, window, RopeSource(holder, "inv_freq"), offset)
-
-
-def _problem(n_queries: int, n_keys: int, pads: list[int], dtype=torch.float32, heads=8, kv_heads=2, seed=0):
-    """Queries over keys on the GPU (the last n_queries of the row), left padding per row, and their geometry."""
-    generator = torch.Generator().manual_seed(seed)
-    b = len(pads)
-    valid = torch.arange(n_keys)[None, :] >= torch.tensor(pads)[:, None]
-    positions = (valid.long().cumsum(-1) - 1).clamp_min(0).to(CUDA)
-    layout = KVLayout(q_offset=n_keys - n_queries, kv_offset=0, valid=valid.to(CUDA) if any(pads) else None)
-    geometry = resolve_geometry(layout, positions[:, -n_queries:], b, n_queries, n_keys, CUDA)
-    q, k, v = (torch.randn(b, h, n, HEAD_DIM, generator=generator).to(CUDA, dtype)
-               for h, n in ((heads, n_queries), (kv_heads, n_keys), (kv_heads, n_keys)))
+def _problem(n_queries: int, n_keys: int, pads: list[int], dtype=torch.float32):
+    """test_kernels' problem at a model's head size on the GPU: rotated queries over keys, values, geometry."""
+    _, _, v, q, k, geometry = make_problem(n_queries, n_keys, pads, heads=8, head_dim=HEAD_DIM, device=CUDA, dtype=dtype)
     return q, k, v, geometry
 
 
-ROTATIONS = {"selfextend": lambda: _rotation(4, 256), "string": lambda: _rotation(1, 700, string_offset(700, 128))}
+ROTATIONS = {"selfextend": lambda: make_rotation(4, 256, head_dim=HEAD_DIM, device=CUDA),
+             "string": lambda: make_rotation(1, 700, string_offset(700, 128), head_dim=HEAD_DIM, device=CUDA)}
 
 
 @pytest.mark.parametrize("n_queries, n_keys, pads", [(1024, 1024, [0]), (300, 2000, [0]), (640, 640, [0, 37])])

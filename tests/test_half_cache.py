@@ -11,19 +11,10 @@ from selfextend.attention.layout import KVLayout, resolve_geometry
 from selfextend.evaluation import Evaluation, Method
 from selfextend.inference import prefill
 from selfextend.kv_cache import GrowingLayer, SlidingLayer, cache_dtype, new_cache
-from selfextend.rotary import GroupedRotation, RopeSource
 from selfextend.serving.prefix_cache import PrefixCache, Recorder, restore
 from selfextend.transformers_compat import cache_kwargs
 from conftest import make_model
-
-INV_FREQ = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
-
-
-def _rotation(G, W):
-    holder = torch.nn.Module()
-    holder.register_buffer("inv_freq", INV_FREQ)
-    return GroupedRotation(G, W, RopeSource(holder, "inv_freq"))
-
+from test_kernels import make_rotation
 
 def _ids(n, seed=1):
     return torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(seed))
@@ -58,7 +49,7 @@ def test_selfextend_attention_over_a_float16_cache_is_attention_over_its_widened
     monkeypatch.setattr(blockwise, "DEFAULT_BLOCK", 32)
     monkeypatch.setattr(partial, "WIDEN_KEYS", 24)
     torch.manual_seed(0)
-    n_keys, rotation = 150, _rotation(G, W)
+    n_keys, rotation = 150, make_rotation(G, W)
     query = torch.randn(1, 4, n_queries, 16)
     key, value = torch.randn(1, 2, n_keys, 16).half(), torch.randn(1, 2, n_keys, 16).half()
     geometry = resolve_geometry(KVLayout(q_offset=n_keys - n_queries, kv_offset=0), None, 1, n_queries, n_keys,

@@ -11,38 +11,48 @@ from selfextend.attention.reference import reference_attention
 from selfextend.positions import grouped_key_position, grouped_query_position
 from selfextend.rotary import GroupedRotation, RopeSource
 
-INV_FREQ = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+
+def inv_freq(head_dim: int = 16) -> torch.Tensor:
+    """Plain RoPE's inverse frequencies (base 10000) for `head_dim`."""
+    return 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
 
 
-def _rotation(G, W):
+INV_FREQ = inv_freq()
+
+
+def make_rotation(G, W, offset=None, head_dim=16, device="cpu") -> GroupedRotation:
+    """SelfExtend's rotation (STRING's given `offset`) over a plain RoPE table of `head_dim`, on `device`."""
     holder = torch.nn.Module()
-    holder.register_buffer("inv_freq", INV_FREQ)
-    return GroupedRotation(G, W, RopeSource(holder, "inv_freq"))
+    holder.register_buffer("inv_freq", inv_freq(head_dim).to(device))
+    return GroupedRotation(G, W, RopeSource(holder, "inv_freq"), offset)
 
 
 def _hf_rope(x, positions):
-    freqs = positions[..., None].float() * INV_FREQ
+    freqs = positions[..., None].float() * inv_freq(x.shape[-1]).to(x.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return apply_rotary_pos_emb(x, x, emb.cos(), emb.sin())[0]
 
 
-def _problem(n_queries, n_keys, pads, heads=4, kv_heads=2, seed=0):
-    """Raw q/k/v, the model-rotated q/k and the geometry of a left-padded batch (pads per row)."""
+def make_problem(n_queries, n_keys, pads, heads=4, kv_heads=2, seed=0, head_dim=16, device="cpu",
+                 dtype=torch.float32):
+    """Raw q/k/v, the model-rotated q/k and the geometry of a left-padded batch (pads per row), drawn on the CPU
+    (the same numbers on every device) and moved to `device` in `dtype`."""
     torch.manual_seed(seed)
     b = len(pads)
     valid = torch.arange(n_keys)[None, :] >= torch.tensor(pads)[:, None]
     positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
-    layout = KVLayout(q_offset=n_keys - n_queries, kv_offset=0, valid=None if not any(pads) else valid)
-    geometry = resolve_geometry(layout, positions[:, -n_queries:], b, n_queries, n_keys, torch.device("cpu"))
-    q0, k0 = torch.randn(b, heads, n_queries, 16), torch.randn(b, kv_heads, n_keys, 16)
-    v = torch.randn(b, kv_heads, n_keys, 16)
-    return q0, k0, v, _hf_rope(q0, geometry.query_positions), _hf_rope(k0, geometry.key_positions), geometry
+    layout = KVLayout(q_offset=n_keys - n_queries, kv_offset=0, valid=None if not any(pads) else valid.to(device))
+    geometry = resolve_geometry(layout, positions[:, -n_queries:].to(device), b, n_queries, n_keys, torch.device(device))
+    q0, k0 = torch.randn(b, heads, n_queries, head_dim), torch.randn(b, kv_heads, n_keys, head_dim)
+    v = torch.randn(b, kv_heads, n_keys, head_dim)
+    q, k = _hf_rope(q0, geometry.query_positions.cpu()), _hf_rope(k0, geometry.key_positions.cpu())
+    return tuple(x.to(device, dtype) for x in (q0, k0, v, q, k)) + (geometry,)
 
 
 def check_pair_by_pair(rotation, rope_positions, scale=0.25):
     """The oracle under `rotation` against logits built pair by pair: `rope_positions(i, j)` gives the RoPE
     positions at which query i and key j meet."""
-    q0, k0, v, q, k, geometry = _problem(9, 30, pads=[0, 4])
+    q0, k0, v, q, k, geometry = make_problem(9, 30, pads=[0, 4])
     got = reference_attention(q, k, v, geometry, rotation, scale)
     for b in range(2):
         for h in range(4):
@@ -64,7 +74,7 @@ def check_pair_by_pair(rotation, rope_positions, scale=0.25):
 
 def test_oracle_reads_the_formula_pair_by_pair():
     G, W = 3, 5
-    check_pair_by_pair(_rotation(G, W), lambda i, j: (i, j) if i - j < W else
+    check_pair_by_pair(make_rotation(G, W), lambda i, j: (i, j) if i - j < W else
                        (grouped_query_position(i, G, W), grouped_key_position(j, G)))
 
 
@@ -73,9 +83,9 @@ def test_oracle_reads_the_formula_pair_by_pair():
 @pytest.mark.parametrize("block", [4, 7, 64])
 @pytest.mark.parametrize("G, W", [(4, 8), (3, 10), (1, 6), (7, 1)])
 def test_blockwise_matches_oracle(n_queries, n_keys, pads, block, G, W):
-    _, _, v, q, k, geometry = _problem(n_queries, n_keys, pads)
-    expected = reference_attention(q, k, v, geometry, _rotation(G, W), 0.3)
-    got = blockwise.selfextend_attention(q, k, v, geometry, _rotation(G, W), 0.3, block=block)
+    _, _, v, q, k, geometry = make_problem(n_queries, n_keys, pads)
+    expected = reference_attention(q, k, v, geometry, make_rotation(G, W), 0.3)
+    got = blockwise.selfextend_attention(q, k, v, geometry, make_rotation(G, W), 0.3, block=block)
     rows = geometry.query_positions >= 0  # padded queries see nothing; both give zeros there
     torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=1e-5)
     assert torch.all(got[~rows] == 0)
@@ -86,8 +96,8 @@ def test_blockwise_matches_oracle(n_queries, n_keys, pads, block, G, W):
 def test_with_kept_grouped_keys_the_far_keys_are_not_read(n_queries, n_keys, pads):
     """Given the grouped keys, keys at distance >= W from every query are read only through them: NaN there
     changes nothing (the contract selfextend_attention documents)."""
-    _, _, v, q, k, geometry = _problem(n_queries, n_keys, pads)
-    rotation = _rotation(4, 8)
+    _, _, v, q, k, geometry = make_problem(n_queries, n_keys, pads)
+    rotation = make_rotation(4, 8)
     kept = rotation(k, geometry.key_positions, "key")
     expected = blockwise.selfextend_attention(q, k, v, geometry, rotation, 0.3, kept, block=7)
     far = k.clone()
@@ -160,8 +170,8 @@ def check_flex_against_oracle(flex, q, k, v, geometry, rotation, scale: float, l
 def test_flex_backend_matches_oracle(n_queries, n_keys, pads, monkeypatch):
     flex = pytest.importorskip("selfextend.attention.flex")
     monkeypatch.setattr(flex, "MIN_QUERIES", 2)  # exercise the block-mask path at test sizes
-    _, _, v, q, k, geometry = _problem(n_queries, n_keys, pads)
-    check_flex_against_oracle(flex, q, k, v, geometry, _rotation(4, 8), 0.3, local_window=12)
+    _, _, v, q, k, geometry = make_problem(n_queries, n_keys, pads)
+    check_flex_against_oracle(flex, q, k, v, geometry, make_rotation(4, 8), 0.3, local_window=12)
 
 
 def test_portable_partial_matches_cpu_kernel():
@@ -211,7 +221,7 @@ def test_paged_attention_matches_oracle(lengths, queries, G, W, transposed, kept
     """Each row's last queries (one each: decoding) over keys read in place from shuffled cache blocks
     (unwritten slots NaN), against the oracle on each row's keys alone; with the grouped keys kept in the
     same slots, or rotated there."""
-    rotation, block_size = _rotation(G, W), 8
+    rotation, block_size = make_rotation(G, W), 8
     rows, keys, values, table = _paged(lengths, block_size, 40, transposed)
     grouped = None
     if kept:
@@ -251,7 +261,7 @@ def test_native_paged_attention_matches_oracle(lengths, queries, G, W, kept):
     """The C kernel on rows laid out as an engine's step (queries token after token, unwritten slots NaN,
     keys stored transposed), rows of more than one 512-key chunk merged, against the oracle per row; other
     tokens' outputs are left untouched."""
-    rotation, block_size = _rotation(G, W), 8
+    rotation, block_size = make_rotation(G, W), 8
     n_blocks = sum(-(-n // block_size) for n in lengths) + 4
     rows, keys, values, table = _paged(lengths, block_size, n_blocks, True)
     grouped = _kept(keys, table, lengths, block_size, rotation) if kept else None
@@ -281,7 +291,7 @@ def test_native_paged_attention_matches_oracle(lengths, queries, G, W, kept):
 def test_native_grouped_keys_written_at_their_slots():
     """A step's new keys (two requests, one padding token) land at their slots in grouped form, exactly as the
     torch rotation gives them; other slots keep what they held."""
-    rotation, block_size, heads, dim = _rotation(4, 8), 8, 2, 16
+    rotation, block_size, heads, dim = make_rotation(4, 8), 8, 2, 16
     grouped = torch.full((10, heads, dim, block_size), float("nan"))
     lengths = torch.tensor([21, 6])
     starts = torch.tensor([0, 3, 9])

@@ -12,17 +12,15 @@ from conftest import TRAIN_LENGTH, check_greedy_generate_is_recompute, make_mode
 from selfextend.attention import blockwise
 from selfextend.attention.reference import reference_attention
 from selfextend.positions import string_offset
-from selfextend.rotary import GroupedRotation, RopeSource
+from selfextend.rotary import GroupedRotation
 from selfextend.transformers_compat import cache_kwargs
-from test_kernels import INV_FREQ, _problem, check_flex_against_oracle, check_pair_by_pair
+from test_kernels import check_flex_against_oracle, check_pair_by_pair, make_problem, make_rotation
 
 S, w = 21, 5  # the tiny models' L = 64: S ≈ L/3
 
 
 def _string_rotation(shifted_offset: int, local_window: int) -> GroupedRotation:
-    holder = torch.nn.Module()
-    holder.register_buffer("inv_freq", INV_FREQ)
-    return GroupedRotation(1, shifted_offset, RopeSource(holder, "inv_freq"), string_offset(shifted_offset, local_window))
+    return make_rotation(1, shifted_offset, string_offset(shifted_offset, local_window))
 
 
 def test_oracle_reads_strings_definition_pair_by_pair():
@@ -37,7 +35,7 @@ def test_oracle_reads_strings_definition_pair_by_pair():
 @pytest.mark.parametrize("block", [4, 64])
 @pytest.mark.parametrize("shifted, local", [(20, 4), (6, 1), (30, 29)])
 def test_blockwise_matches_oracle(n_queries, n_keys, pads, block, shifted, local):
-    _, _, v, q, k, geometry = _problem(n_queries, n_keys, pads)
+    _, _, v, q, k, geometry = make_problem(n_queries, n_keys, pads)
     rotation = _string_rotation(shifted, local)
     expected = reference_attention(q, k, v, geometry, rotation, 0.3)
     got = blockwise.selfextend_attention(q, k, v, geometry, rotation, 0.3, block=block)
@@ -49,7 +47,7 @@ def test_blockwise_matches_oracle(n_queries, n_keys, pads, block, shifted, local
 def test_flex_backend_matches_oracle(pads, monkeypatch):
     flex = pytest.importorskip("selfextend.attention.flex")
     monkeypatch.setattr(flex, "MIN_QUERIES", 2)
-    _, _, v, q, k, geometry = _problem(70, 90, pads)
+    _, _, v, q, k, geometry = make_problem(70, 90, pads)
     check_flex_against_oracle(flex, q, k, v, geometry, _string_rotation(20, 4), 0.3)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selfextend.attention import blockwise, workers
-from test_kernels import _problem, _rotation
+from test_kernels import make_problem, make_rotation
 
 several_cores = pytest.mark.skipif(min(torch.get_num_threads(), len(os.sched_getaffinity(0))) < 2,
                                    reason="workers run only where torch has several threads and cores")
@@ -28,8 +28,8 @@ def busy(monkeypatch):
 @several_cores
 @pytest.mark.parametrize("pads", [[0], [0, 5]])
 def test_selfextend_and_local_blocks_on_workers_equal_them_in_order(monkeypatch, busy, pads):
-    _, _, v, q, k, geometry = _problem(40, 52, pads=pads)
-    rotation, calls = _rotation(3, 6), []
+    _, _, v, q, k, geometry = make_problem(40, 52, pads=pads)
+    rotation, calls = make_rotation(3, 6), []
     original = blockwise._attend_block
     monkeypatch.setattr(blockwise, "_attend_block", lambda *a, **kw: (
         calls.append((threading.current_thread().name, torch.get_num_threads())), original(*a, **kw))[1])
