@@ -26,23 +26,29 @@ def busy(monkeypatch):
 
 
 @several_cores
+@pytest.mark.parametrize("block", [8, None])  # five blocks of two sub-blocks; one block (a prefill chunk's call)
 @pytest.mark.parametrize("pads", [[0], [0, 5]])
-def test_selfextend_and_local_blocks_on_workers_equal_them_in_order(monkeypatch, busy, pads):
+def test_selfextend_and_local_blocks_on_workers_equal_them_in_order(monkeypatch, busy, pads, block):
+    """Blocks, and a block's sub-blocks, on the workers: each sub-block on one, single-threaded."""
     _, _, v, q, k, geometry = make_problem(40, 52, pads=pads)
     rotation, calls = make_rotation(3, 6), []
     original = blockwise._attend_block
     monkeypatch.setattr(blockwise, "_attend_block", lambda *a, **kw: (
-        calls.append((threading.current_thread().name, torch.get_num_threads())), original(*a, **kw))[1])
-    with torch.inference_mode():
-        on_workers = (blockwise.selfextend_attention(q, k, v, geometry, rotation, 0.25, block=8),
-                      blockwise.local_attention(q, k, v, geometry, 7, 0.25, block=8))
-        assert len(calls) == 10 and all(name.startswith("selfextend-block") and threads == 1
-                                        for name, threads in calls)
-        _in_order(monkeypatch)
+        calls.append((threading.current_thread().name, torch.get_num_threads(), len(a) > 11)), original(*a, **kw))[1])
+
+    def run() -> list[tuple]:
         calls.clear()
-        in_order = (blockwise.selfextend_attention(q, k, v, geometry, rotation, 0.25, block=8),
-                    blockwise.local_attention(q, k, v, geometry, 7, 0.25, block=8))
-        assert [name for name, _ in calls] == [threading.current_thread().name] * 10
+        outputs = (blockwise.selfextend_attention(q, k, v, geometry, rotation, 0.25, block=block),
+                   blockwise.local_attention(q, k, v, geometry, 7, 0.25, block=block))
+        return outputs, [(name, threads) for name, threads, sub_block in calls if sub_block]
+
+    with torch.inference_mode():
+        on_workers, sub_blocks = run()
+        assert len(sub_blocks) >= 13 and all(name.startswith("selfextend-block") and threads == 1
+                                              for name, threads in sub_blocks)
+        _in_order(monkeypatch)
+        in_order, sub_blocks_in_order = run()
+        assert [name for name, _ in sub_blocks_in_order] == [threading.current_thread().name] * len(sub_blocks)
     for got, expected in zip(on_workers, in_order):
         assert torch.equal(got, expected)
 

@@ -13,8 +13,8 @@ three triangles wastes b²/2 pairs: small sub-blocks keep that small, large bloc
 efficient. Masks cost O(n·b) in all; padding or a cut at the sequence start falls back to masks.
 A single query (a decode step) takes its neighbor keys and its grouped rest in one call of the native
 kernel, which merges them itself; in a sliding-window layer, its window's keys in one call. Memory is
-O(n·(b + W)) per layer, never n×n. On a CPU whose cores another process holds, the blocks of a call run on one
-single-threaded worker per core (`workers.py`), the costliest first.
+O(n·(b + W)) per layer, never n×n. On a CPU whose cores another process holds, the blocks of a call, and a
+block's sub-blocks, run on one single-threaded worker per core (`workers.py`), the costliest blocks first.
 """
 
 from __future__ import annotations
@@ -82,15 +82,24 @@ def _pieces(query, key, value, geometry, t0, window, scale, grouped=None) -> lis
     return [p for p in parts if p is not None]
 
 
-def _attend_block(out, query, key, value, geometry, t0, window, scale, sub, grouped=None, rest=None) -> None:
+def _attend_block(out, query, key, value, geometry, t0, window, scale, sub, grouped=None, rest=None, starts=None):
     """Write the output rows of the block starting at t0 (`query` is its slice), sub-block by sub-block, each
     merging its pieces with its rows of `rest`, the block's partial over the keys all its queries see grouped.
+    The sub-blocks are independent, so they go through `run_blocks` (a busy machine's workers take them: one
+    block is a whole call of a prefill chunk), each as this function given its `starts`; while tracing they
+    stay one loop here, adding no frame (each frame multiplies torch.compile's graph breaks).
 
     A block whose every pair is within the window is one sub-block: a causal diagonal and a full band,
     what plain causal attention runs."""
     if geometry.shift + t0 + query.shape[2] - 1 < window:
         sub = query.shape[2]
-    for r0 in range(0, query.shape[2], sub):
+    if starts is None:
+        starts = range(0, query.shape[2], sub)
+        if len(starts) > 1 and not torch.compiler.is_compiling():
+            run_blocks(_attend_block, [(out, query, key, value, geometry, t0, window, scale, sub, grouped, rest,
+                                        (r0,)) for r0 in starts], query)
+            return
+    for r0 in starts:
         rows = slice(r0, r0 + sub)
         piece = None if grouped is None else (grouped[0][:, :, rows], grouped[1], grouped[2])
         parts = _pieces(query[:, :, rows], key, value, geometry, t0 + r0, window, scale, piece)
