@@ -156,7 +156,7 @@ def test_run_queue_delay_sums_the_threads_and_skips_what_it_cannot_read(tmp_path
     assert isinstance(workers.run_queue_delay(), (int, type(None)))
 
 
-def test_pressure_stall_is_the_some_total_and_the_fallback_where_threads_keep_no_statistics(tmp_path, monkeypatch):
+def test_pressure_stall_is_the_some_total_and_the_fallback_chosen_once(tmp_path, monkeypatch):
     pressure = tmp_path / "cpu"
     pressure.write_text("some avg10=0.59 avg60=5.98 avg300=2.51 total=32419248\n"
                         "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
@@ -164,10 +164,15 @@ def test_pressure_stall_is_the_some_total_and_the_fallback_where_threads_keep_no
     assert workers.pressure_stall(tmp_path / "none") is None
     pressure.write_text("some avg10=0.59\n")
     assert workers.pressure_stall(pressure) is None
+    monkeypatch.setattr(workers, "_wait_source", None)  # as in a fresh process
     monkeypatch.setattr(workers, "pressure_stall", lambda: 7)
     monkeypatch.setattr(workers, "run_queue_delay", lambda: None)  # a kernel without schedstat (a Firecracker VM)
     assert workers.waiting_for_cores() == 7
     monkeypatch.setattr(workers, "run_queue_delay", lambda: 3)
+    assert workers.waiting_for_cores() == 7  # the source chosen at the first look is kept
+    monkeypatch.setattr(workers, "_wait_source", None)
+    assert workers.waiting_for_cores() == 3
+    monkeypatch.setattr(workers, "pressure_stall", lambda: 9)
     assert workers.waiting_for_cores() == 3
 
 

@@ -63,11 +63,20 @@ def pressure_stall(pressure: Path = Path("/proc/pressure/cpu")) -> int | None:
     return None
 
 
+_wait_source: Callable[[], int | None] | None = None  # chosen at the first look, kept for the process
+
+
 def waiting_for_cores() -> int | None:
     """The wait that says whether this process competes for cores: its threads' run-queue delay where the kernel
-    keeps it, else the machine's CPU pressure stall; None where neither is kept."""
-    delay = run_queue_delay()
-    return delay if delay is not None else pressure_stall()
+    keeps it, else the machine's CPU pressure stall; None where neither is kept. The source is chosen at the first
+    look and kept: on a kernel without schedstat, every look would otherwise open each thread's file in vain."""
+    global _wait_source
+    if _wait_source is None:
+        delay = run_queue_delay()
+        _wait_source = run_queue_delay if delay is not None else pressure_stall
+        if delay is not None:
+            return delay
+    return _wait_source()
 
 
 class Contention:
