@@ -82,7 +82,9 @@ def _pieces(query, key, value, geometry, t0, window, scale, grouped=None) -> lis
     return [p for p in parts if p is not None]
 
 
-def _attend_block(out, query, key, value, geometry, t0, window, scale, sub, grouped=None, rest=None, starts=None):
+def _attend_block(
+    out, query, key, value, geometry, t0, window, scale, sub, grouped=None, rest=None, starts=None,
+) -> None:
     """Write the output rows of the block starting at t0 (`query` is its slice), sub-block by sub-block, each
     merging its pieces with its rows of `rest`, the block's partial over the keys all its queries see grouped.
     The sub-blocks are independent, so they go through `run_blocks` (a busy machine's workers take them: one
