@@ -2,8 +2,8 @@
 
 The same loop `selfextend generate` runs (inference.prefill, its chunks over a DynamicCache), on
 a passkey document of the given length, with G and W planned as `generate` plans them. Each measurement
-runs in a fresh process; the methods alternate within each round. `--before DIR` adds an older
-checkout's SelfExtend (its src/ first on PYTHONPATH) to every round.
+runs in a fresh process; the methods alternate within each round, each round starting one later. `--before
+DIR` adds an older checkout's SelfExtend (its src/ first on PYTHONPATH) to every round.
 
     python benchmarks/gemma_prefill.py --tokens 32768,65536
     python benchmarks/gemma_prefill.py --tokens 32768 --before /tmp/old --json gemma.json
@@ -79,14 +79,15 @@ def main() -> None:
 
 
 def _measure_all(args) -> None:
-    """Every length and method, methods alternating in each round; printed as they finish."""
+    """Every length and method, methods alternating in each round, each round starting one method later (so none
+    always follows the same one); printed as they finish."""
     methods = ["vanilla", "selfextend"] + (["before"] if args.before else [])
     print(f"{'tokens':>7} {'method':<11} {'settings':<14} {'tok/s':>7} {'× vanilla':>9} {'peak MiB':>9}", flush=True)
     results = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         runs = {m: [] for m in methods}
-        for _ in range(args.repeats):
-            for method in methods:
+        for round_ in range(args.repeats):
+            for method in methods[round_ % len(methods):] + methods[:round_ % len(methods)]:  # each goes first in turn
                 runs[method].append(_in_process(tokens, method, args.chunk_size, args.before, args.weights))
         vanilla = statistics.median(r["tok_s"] for r in runs["vanilla"])
         for method, rs in runs.items():
