@@ -16,6 +16,7 @@ from selfextend.transformers_compat import cache_kwargs
 from conftest import make_model
 from test_kernels import make_rotation
 
+
 def _ids(n, seed=1):
     return torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(seed))
 

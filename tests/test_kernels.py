@@ -17,9 +17,6 @@ def inv_freq(head_dim: int = 16) -> torch.Tensor:
     return 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
 
 
-INV_FREQ = inv_freq()
-
-
 def make_rotation(G, W, offset=None, head_dim=16, device="cpu") -> GroupedRotation:
     """SelfExtend's rotation (STRING's given `offset`) over a plain RoPE table of `head_dim`, on `device`."""
     holder = torch.nn.Module()
