@@ -1,6 +1,8 @@
 """Lighter weight formats: each layer computes what its stored weights say, and SelfExtend adds no error of its
 own on a compressed model (it is compared with the same compressed model, vanilla and the reference oracle)."""
 
+import gc
+import sys
 import threading
 import types
 from pathlib import Path
@@ -14,6 +16,7 @@ import selfextend
 from selfextend.identity import model_identity
 from selfextend.transformers_compat import cache_kwargs
 from selfextend import linear_native
+from selfextend.allocator import HUGE_PAGE, huge_page_empty
 from selfextend.linear_native import NATIVE_TOKENS, QBLOCK, Int8Blocks
 from selfextend.sibling_products import group_siblings
 from selfextend.weights import CompactEmbedding, PackedLinear, _FilePages, check_format, compress
@@ -316,3 +319,17 @@ def test_compress_releases_each_weights_pages_once_the_identity_has_sampled_it(m
     assert [tuple(t.shape) for t in sampled] == [tuple(p.shape) for p in weights]
     assert all(a is b for a, b in zip(order, sampled))  # released first, in the order sampled
     assert model_identity(model) == expected
+
+
+def test_large_int8_rows_are_huge_page_aligned_mappings_that_their_views_keep_alive():
+    """Rows of 2 MB or more get their own mapping, advised to huge pages (Linux); smaller ones torch's memory."""
+    assert huge_page_empty((4, 8), torch.int8).shape == (4, 8)
+    rows = huge_page_empty((HUGE_PAGE // 640 + 1, 640), torch.int8)
+    assert rows.dtype == torch.int8 and rows.is_contiguous() and rows.shape == (HUGE_PAGE // 640 + 1, 640)
+    rows.fill_(7)
+    view = rows[3:5]
+    del rows
+    gc.collect()
+    assert int(view.sum()) == 7 * 2 * 640  # the mapping outlives the tensor it was made for
+    if sys.platform == "linux":  # an LM head's rows, quantized
+        assert Int8Blocks.quantize(torch.randn(4000, 640)).rows.data_ptr() % HUGE_PAGE == 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import huge_page_empty
 from .native import load
 
 SOURCE = Path(__file__).with_name("linear_native.c")
@@ -63,7 +64,7 @@ class Int8Blocks:
         large embedding needs no float copy of itself; `done` is given each chunk of `weight` read."""
         out_rows, inputs = weight.shape
         blocks = -(-inputs // QBLOCK)
-        rows = torch.empty(weight.shape, dtype=torch.int8)
+        rows = huge_page_empty(weight.shape, torch.int8)  # streamed at every decode step
         scale = torch.empty(out_rows, blocks, dtype=torch.float16)
         for start in range(0, out_rows, chunk):
             part = weight[start:start + chunk].float()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import linear_native
+from .allocator import huge_page_empty
 from .linear_native import NATIVE_TOKENS, Int8Blocks
 
 
@@ -30,7 +31,8 @@ class SiblingProducts:
 
     def __init__(self, members: list[nn.Module], names: list[str]) -> None:
         self.names = names
-        self.blocks = Int8Blocks(torch.cat([m.rows for m in members]), torch.cat([m.scale for m in members]))
+        rows = huge_page_empty((sum(m.out_features for m in members), members[0].in_features), torch.int8)
+        self.blocks = Int8Blocks(torch.cat([m.rows for m in members], out=rows), torch.cat([m.scale for m in members]))
         biases = [m.bias for m in members]
         self.bias = None if biases[0] is None else torch.cat(biases)
         self.views: dict[nn.Module, torch.Tensor] = {}
