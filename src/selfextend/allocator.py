@@ -58,7 +58,9 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     address = ctypes.addressof(ctypes.c_char.from_buffer(region))
     offset = -address % HUGE_PAGE
-    advise(address + offset, nbytes, _MADV_HUGEPAGE)  # advice only: refused (EINVAL where THP is off), 4 KB pages
+    # whole huge pages only: a partial last one would be faulted in whole (up to 2 MB more resident per tensor);
+    # advice only, refused (EINVAL) where THP is off, and then it is all 4 KB pages
+    advise(address + offset, nbytes - nbytes % HUGE_PAGE, _MADV_HUGEPAGE)
     flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)  # holds `region` open
     return flat.view(dtype).view(shape)
 
