@@ -333,3 +333,17 @@ def test_large_int8_rows_are_huge_page_aligned_mappings_that_their_views_keep_al
     assert int(view.sum()) == 7 * 2 * 640  # the mapping outlives the tensor it was made for
     if sys.platform == "linux":  # an LM head's rows, quantized
         assert Int8Blocks.quantize(torch.randn(4000, 640)).rows.data_ptr() % HUGE_PAGE == 0
+
+
+def _huge_kib() -> int:
+    return int(Path("/proc/self/smaps_rollup").read_text().split("AnonHugePages:")[1].split()[0])
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+                    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+                    reason="the kernel gives no transparent huge pages")
+def test_the_advice_is_taken_where_the_kernel_gives_huge_pages():
+    before = _huge_kib()
+    rows = huge_page_empty((3 * HUGE_PAGE,), torch.int8)
+    rows.fill_(1)
+    assert _huge_kib() - before >= 2 * HUGE_PAGE // 1024  # at least two of its three pages huge

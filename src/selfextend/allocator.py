@@ -34,33 +34,19 @@ def _malloc_trim():
         return None
 
 
-@functools.cache
-def _madvise():
-    """The C library's madvise, or None where it has none."""
-    name = ctypes.util.find_library("c")
-    try:
-        advise = ctypes.CDLL(name, use_errno=True).madvise if name else None
-    except (OSError, AttributeError):
-        return None
-    if advise is not None:
-        advise.argtypes, advise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return advise
-
-
 def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor whose pages the kernel is asked to make huge (2 MB) when first written: its own
     anonymous mapping, 2 MB-aligned, unmapped when the last tensor over it goes. Tensors under one huge page, and
-    systems without the advice (not Linux, or no C library's madvise), get `torch.empty`."""
+    systems without the advice (not Linux), get `torch.empty`."""
     nbytes = torch.Size(shape).numel() * dtype.itemsize
-    advise = _madvise()
-    if nbytes < HUGE_PAGE or _MADV_HUGEPAGE is None or advise is None:
+    if nbytes < HUGE_PAGE or _MADV_HUGEPAGE is None:
         return torch.empty(shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    offset = -address % HUGE_PAGE
-    # whole huge pages only: a partial last one would be faulted in whole (up to 2 MB more resident per tensor);
-    # advice only, refused (EINVAL) where THP is off, and then it is all 4 KB pages
-    advise(address + offset, nbytes - nbytes % HUGE_PAGE, _MADV_HUGEPAGE)
+    offset = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % HUGE_PAGE
+    try:  # whole huge pages only: a partial last one would be faulted in whole (up to 2 MB more resident)
+        region.madvise(_MADV_HUGEPAGE, offset, nbytes - nbytes % HUGE_PAGE)
+    except OSError:  # refused (EINVAL) where THP is off: 4 KB pages, what torch.empty would give
+        pass
     flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)  # holds `region` open
     return flat.view(dtype).view(shape)
 
