@@ -73,9 +73,10 @@ def waiting_for_cores() -> int | None:
     global _wait_source
     if _wait_source is None:
         delay = run_queue_delay()
-        _wait_source = run_queue_delay if delay is not None else pressure_stall
         if delay is not None:
+            _wait_source = run_queue_delay
             return delay
+        _wait_source = pressure_stall
     return _wait_source()
 
 
