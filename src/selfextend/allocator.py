@@ -1,8 +1,8 @@
 """Memory from the system in huge pages, and freed memory given back where the C library holds it (glibc).
 
 A decode step streams every int8 weight from memory once. In 4 KB pages that is a TLB miss every 4 KB, and on a
-virtual machine each miss walks two page tables: the LM head (262144 × 640 int8) took 8.6-10.0 ms a read against
-7.2-7.6 ms from 2 MB pages (docs/results.md, session 32). `huge_page_empty` asks Linux for transparent huge pages
+virtual machine each miss walks two page tables: the LM head (262144 × 640 int8) took 10.4-10.7 ms a read against
+7.6-8.6 ms from 2 MB pages (`benchmarks/huge_pages.py`; docs/results.md, session 32). `huge_page_empty` asks Linux for transparent huge pages
 (`madvise(MADV_HUGEPAGE)`, honoured where /sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`).
 
 glibc keeps memory a program frees inside its heaps for reuse, so resident memory stays at its high-water mark:
