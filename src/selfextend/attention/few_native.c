@@ -55,9 +55,43 @@ static inline v8f max8(v8f a, v8f b) {
 /* e where the logit x was a key's (e^-87 where x is -inf would add a hidden key's value, however little) */
 static inline v8f seen(v8f x, v8f e) { return (v8f)((v8i)e & ~(x == -INFINITY)); }
 
+/* The products' vectors: 16 floats where the CPU has AVX-512, else 8. Half the instructions for the same bytes:
+   on an AVX-512 Intel VM a 16K-key float16 call took 1.04-1.07 ms against 1.19-1.23 in 8 lanes, its keys read at
+   about its arithmetic's own speed, the two barely overlapping (docs/results.md, session 33). */
+#if defined(__AVX512F__)
+#define LANES 16
+typedef float vf __attribute__((vector_size(64)));
+static inline vf widen_halves(const uint16_t *p) {
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline float sum_lanes(vf x) {
+    const v8f low = {x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]};
+    const v8f high = {x[8], x[9], x[10], x[11], x[12], x[13], x[14], x[15]};
+    return sum8(low + high);
+}
+#else
+#define LANES 8
+typedef v8f vf;
+static inline vf widen_halves(const uint16_t *p) { return widen_half8(p); }
+static inline float sum_lanes(vf x) { return sum8(x); }
+#endif
+
+static inline vf load_lanes(const float *p) {
+    vf x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline void store_lanes(float *p, vf x) { memcpy(p, &x, sizeof x); }
+
 /* eight keys' or values' entries from element i of row `p`, float32 or (`half`) float16 widened exactly */
-static inline __attribute__((always_inline)) v8f load_kv(const void *p, int64_t i, const int half) {
+static inline __attribute__((always_inline)) v8f load_kv8(const void *p, int64_t i, const int half) {
     return half ? widen_half8((const uint16_t *)p + i) : load8((const float *)p + i);
+}
+
+/* LANES keys' or values' entries from element i of row `p`, float32 or (`half`) float16 widened exactly */
+static inline __attribute__((always_inline)) vf load_kv(const void *p, int64_t i, const int half) {
+    return half ? widen_halves((const uint16_t *)p + i) : load_lanes((const float *)p + i);
 }
 
 static inline __attribute__((always_inline)) float kv_at(const void *p, int64_t i, const int half) {
@@ -75,31 +109,41 @@ static inline __attribute__((always_inline)) const void *kv_row(const void *p, i
 static inline __attribute__((always_inline)) void logits_of(const Args *A, const float *Q, const void *key,
                                                             const void *key2, int64_t r0, int64_t s, float *x,
                                                             const int half, const int two) {
-    const int64_t d = A->d, body = d - d % 8;
+    const int64_t d = A->d, body = d - d % LANES;
     const float *q = Q + r0 * d;
-    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-    for (int64_t c = 0; c < body; c += 8) {
-        const v8f q0 = load8(q + c), q1 = load8(q + d + c), q2 = load8(q + 2 * d + c), q3 = load8(q + 3 * d + c);
-        const v8f kv = load_kv(key, c, half);
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (int64_t c = 0; c < body; c += LANES) {
+        const vf q0 = load_lanes(q + c), q1 = load_lanes(q + d + c), q2 = load_lanes(q + 2 * d + c),
+                 q3 = load_lanes(q + 3 * d + c);
+        const vf kv = load_kv(key, c, half);
         a0 += q0 * kv;
         a1 += q1 * kv;
         a2 += q2 * kv;
         a3 += q3 * kv;
         if (two) {
-            const v8f kv2 = load_kv(key2, c, half);
+            const vf kv2 = load_kv(key2, c, half);
             b0 += q0 * kv2;
             b1 += q1 * kv2;
             b2 += q2 * kv2;
             b3 += q3 * kv2;
         }
     }
-    float t[GROUP] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
-    for (int64_t c = body; c < d; c++)
+    float t[GROUP] = {sum_lanes(a0), sum_lanes(a1), sum_lanes(a2), sum_lanes(a3)};
+    float u[GROUP] = {sum_lanes(b0), sum_lanes(b1), sum_lanes(b2), sum_lanes(b3)};
+    int64_t rest = body;
+    if (LANES > 8 && rest + 8 <= d) { /* eight more as eight lanes (d = 72, 80, ...) */
+        const v8f kv = load_kv8(key, rest, half), kv2 = two ? load_kv8(key2, rest, half) : kv;
+        for (int g = 0; g < GROUP; g++) {
+            t[g] += sum8(load8(q + g * d + rest) * kv);
+            if (two) u[g] += sum8(load8(q + g * d + rest) * kv2);
+        }
+        rest += 8;
+    }
+    for (int64_t c = rest; c < d; c++)
         for (int g = 0; g < GROUP; g++) t[g] += q[g * d + c] * kv_at(key, c, half);
     for (int g = 0; g < GROUP; g++) x[(r0 + g) * SUB + s] = t[g] * A->scale;
     if (two) {
-        float u[GROUP] = {sum8(b0), sum8(b1), sum8(b2), sum8(b3)};
-        for (int64_t c = body; c < d; c++)
+        for (int64_t c = rest; c < d; c++)
             for (int g = 0; g < GROUP; g++) u[g] += q[g * d + c] * kv_at(key2, c, half);
         for (int g = 0; g < GROUP; g++) x[(r0 + g) * SUB + s + 1] = u[g] * A->scale;
     }
@@ -141,33 +185,40 @@ static inline __attribute__((always_inline)) void take_logits(const Args *A, con
         }
 }
 
-/* acc[r] += sum_s p[r][s] · v_(j0 + s) for the padded rows, GROUP rows × 16 dimensions held in registers */
+/* o[g] += sum_s w[g][s] · v_(j0 + s) in dimensions c .. c + vecs · LANES for GROUP rows, held in registers */
+static inline __attribute__((always_inline)) void add_strip(const Args *A, const float *w, const void *V, int64_t j0,
+                                                            int64_t count, float *o, int64_t c, const int half,
+                                                            const int vecs) {
+    const int64_t d = A->d;
+    vf a[GROUP][2];
+    for (int g = 0; g < GROUP; g++)
+        for (int i = 0; i < vecs; i++) a[g][i] = load_lanes(o + g * d + c + i * LANES);
+    for (int64_t s = 0; s < count; s++) {
+        const void *value = kv_row(V, j0 + s, A->vm, half);
+        for (int i = 0; i < vecs; i++) {
+            const vf v = load_kv(value, c + i * LANES, half);
+            for (int g = 0; g < GROUP; g++) a[g][i] += w[g * SUB + s] * v;
+        }
+    }
+    for (int g = 0; g < GROUP; g++)
+        for (int i = 0; i < vecs; i++) store_lanes(o + g * d + c + i * LANES, a[g][i]);
+}
+
+/* acc[r] += sum_s p[r][s] · v_(j0 + s) for the padded rows, a strip of 2 · LANES dimensions at a time (then one
+   of LANES, then one dimension at a time) */
 static inline __attribute__((always_inline)) void add_values(const Args *A, const float *p, const void *V,
                                                              int64_t j0, int64_t count, float *acc, const int half) {
-    const int64_t d = A->d, body = d - d % 16;
+    const int64_t d = A->d;
     for (int64_t r0 = 0; r0 < A->padded; r0 += GROUP) {
         float *o = acc + r0 * d;
         const float *w = p + r0 * SUB;
-        for (int64_t c = 0; c < body; c += 16) {
-            v8f a[GROUP][2];
-            for (int g = 0; g < GROUP; g++) {
-                a[g][0] = load8(o + g * d + c);
-                a[g][1] = load8(o + g * d + c + 8);
-            }
-            for (int64_t s = 0; s < count; s++) {
-                const void *value = kv_row(V, j0 + s, A->vm, half);
-                const v8f v0 = load_kv(value, c, half), v1 = load_kv(value, c + 8, half);
-                for (int g = 0; g < GROUP; g++) {
-                    a[g][0] += w[g * SUB + s] * v0;
-                    a[g][1] += w[g * SUB + s] * v1;
-                }
-            }
-            for (int g = 0; g < GROUP; g++) {
-                store8(o + g * d + c, a[g][0]);
-                store8(o + g * d + c + 8, a[g][1]);
-            }
+        int64_t c = 0;
+        for (; c + 2 * LANES <= d; c += 2 * LANES) add_strip(A, w, V, j0, count, o, c, half, 2);
+        if (c + LANES <= d) {
+            add_strip(A, w, V, j0, count, o, c, half, 1);
+            c += LANES;
         }
-        for (int64_t c = body; c < d; c++)
+        for (; c < d; c++)
             for (int g = 0; g < GROUP; g++)
                 for (int64_t s = 0; s < count; s++)
                     o[g * d + c] += w[g * SUB + s] * kv_at(kv_row(V, j0 + s, A->vm, half), c, half);
