@@ -8,7 +8,8 @@ virtual machine each miss walks two page tables: the LM head (262144 × 640 int8
 glibc keeps memory a program frees inside its heaps for reuse, so resident memory stays at its high-water mark:
 parsing a 262K-entry tokenizer frees about 0.3 GB that stays resident, a 2048-token prefill chunk leaves its
 intermediates' pages behind. `return_freed_memory` asks glibc (`malloc_trim`) to release those pages; other C
-libraries return memory their own way, and there it does nothing.
+libraries return memory their own way, and there it does nothing. `advise` gives madvise(2) advice on memory no
+Python mapping owns (weights.py drops a packed weight's pages of a file mapping with it).
 """
 
 from __future__ import annotations
@@ -25,13 +26,20 @@ _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
 
 
 @functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
+def _libc_function(name: str):
+    """The C library's function `name` (errno kept), or None where the library or the function is missing."""
+    library = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return getattr(ctypes.CDLL(library, use_errno=True), name) if library else None
     except (OSError, AttributeError):
         return None
+
+
+def advise(address: int, length: int, advice: int) -> bool:
+    """madvise(2) over [address, address + length) of memory no Python mapping owns (a file mapping torch made):
+    whether the kernel took the advice. False where the C library has no madvise."""
+    madvise = _libc_function("madvise")
+    return madvise is not None and madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) == 0
 
 
 def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -53,7 +61,7 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def return_freed_memory() -> bool:
     """Release the pages of freed memory the C library still holds; whether it could (glibc only)."""
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)

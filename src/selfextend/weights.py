@@ -17,7 +17,6 @@ formats are for CPU inference; their quality cost is measured in docs/results.md
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import warnings
 
@@ -27,6 +26,7 @@ from torch import nn
 from . import linear_native
 from . import norm_native
 from . import rope_native
+from .allocator import advise
 from .errors import NativeBuildError, UnsupportedModelError
 from .identity import IDENTITY_ATTRIBUTE, model_identity
 from .linear_native import Int8Blocks
@@ -216,7 +216,6 @@ class _FilePages:
                     fields = line.split()
                     if len(fields) >= 6 and fields[5].startswith("/"):
                         self.ranges.append(tuple(int(x, 16) for x in fields[0].split("-")))
-            self.libc = ctypes.CDLL(None, use_errno=True)
         except OSError:
             self.ranges = []
 
@@ -228,7 +227,7 @@ class _FilePages:
         page = mmap.PAGESIZE
         first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor
         if last > first and self._all_from_the_file(first, last):
-            self.libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+            advise(first, last - first, mmap.MADV_DONTNEED)
 
     @staticmethod
     def _all_from_the_file(first: int, last: int) -> bool:
