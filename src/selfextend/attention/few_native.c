@@ -56,8 +56,9 @@ static inline v8f max8(v8f a, v8f b) {
 static inline v8f seen(v8f x, v8f e) { return (v8f)((v8i)e & ~(x == -INFINITY)); }
 
 /* The products' vectors: 16 floats where the CPU has AVX-512, else 8. Half the instructions for the same bytes:
-   on an AVX-512 Intel VM a 16K-key float16 call read from memory took 1.01-1.10 ms against 1.16-1.34 in 8 lanes
-   (benchmarks/decode_kernel.py): its reads and its arithmetic barely overlap (docs/results.md, session 33). */
+   on an AVX-512 Intel VM a 16K-key float16 call read from memory took 1.09 ms against 1.17 in 8 lanes, 40K keys
+   2.29 against 2.54 (medians of four rounds, benchmarks/decode_kernel.py): its reads and its arithmetic barely
+   overlap (docs/results.md, session 33). */
 #if defined(__AVX512F__)
 #define LANES 16
 typedef float vf __attribute__((vector_size(64)));
