@@ -21,8 +21,8 @@ def _ids(n, seed=1):
     return torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("heads, kv_heads, n, m, d", [(4, 1, 1, 5000, 256), (9, 3, 1, 777, 64), (4, 2, 3, 100, 72), (4, 1, 1, 300, 80),
-                                                      (2, 1, 1, 0, 64), (4, 1, 1, 17, 33)])
+@pytest.mark.parametrize("heads, kv_heads, n, m, d", [(4, 1, 1, 5000, 256), (9, 3, 1, 777, 64), (4, 2, 3, 100, 72),
+                                                      (4, 1, 1, 300, 80), (2, 1, 1, 0, 64), (4, 1, 1, 17, 33)])
 def test_the_native_kernel_reads_float16_keys_as_their_float32_values_bit_for_bit(heads, kv_heads, n, m, d):
     torch.manual_seed(0)
     query, other = torch.randn(1, heads, n, d), torch.randn(1, heads, n, d)

@@ -356,6 +356,9 @@ static int64_t attend_segments(const Args *S, int64_t count, float *out, float *
     return 0;
 }
 
+/* The floats in this build's product vectors (16 where built for AVX-512): so a test can see the wide path taken */
+int64_t se_lanes(void) { return LANES; }
+
 /* Attention of every row into out and lse (keys and values float16 where `half`). Returns 0, or -1 if memory ran
    out. */
 int64_t se_attend_few(const float *q, int64_t qb, int64_t qh, int64_t qn, const void *k, int64_t kb, int64_t kh,

@@ -35,6 +35,7 @@ def library() -> ctypes.CDLL:
     segment = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _I]  # query, key, value with strides; key count
     lib.se_attend_two.restype = _I
     lib.se_attend_two.argtypes = [*segment, *segment, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float]
+    lib.se_lanes.restype = _I
     return lib
 
 
