@@ -4,6 +4,9 @@ held at once, which take turns running a short block of steps while the other wa
 by tens of percent within minutes (docs/results.md), more than one change saves; blocks a second or so apart see
 the same machine, so the ratio of the two sides' medians holds where whole-process rounds
 (`decode_breakdown.py --before`) scatter. Each block's first step, after the other process ran, is not counted.
+Each length is compared twice, each side's worker started first once: with the same code on both sides the
+worker started second ran up to 1.14x faster (docs/results.md, session 33); the geometric mean of the two is
+the figure.
 
     git worktree add /tmp/before <commit>
     python benchmarks/decode_side_by_side.py --before /tmp/before --tokens 16384,40960
