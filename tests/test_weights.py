@@ -347,3 +347,48 @@ def test_the_advice_is_taken_where_the_kernel_gives_huge_pages():
     rows = huge_page_empty((3 * HUGE_PAGE,), torch.int8)
     rows.fill_(1)
     assert _huge_kib() - before >= 2 * HUGE_PAGE // 1024  # at least two of its three pages huge
+
+
+def test_an_int8_models_weights_under_two_megabytes_share_one_huge_page_mapping(monkeypatch):
+    """Every int8 rows and scale under 2 MB (here all of a tiny model's) is copied into one huge-page mapping: the
+    tied LM head still shares the embedding's blocks, sibling layers are still views of their shared blocks, and
+    the logits are those of the same model left in torch's memory."""
+    from selfextend import weights
+    from selfextend.allocator import SharedHugePages
+
+    def tied():
+        model = make_model("gemma3")
+        model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    ids = _ids(12)
+    model = compress(tied(), "int8")
+    with monkeypatch.context() as patch:
+        patch.setattr(weights, "_share_huge_pages", lambda model: None)
+        apart = compress(tied(), "int8")
+    assert torch.equal(_logits(model, ids), _logits(apart, ids))
+    packed = [m for m in model.modules() if isinstance(m, (PackedLinear, CompactEmbedding))]
+    tensors = [t for m in packed for t in (m.rows, m.scale)]
+    start, end = min(t.data_ptr() for t in tensors), max(t.data_ptr() + t.numel() * t.element_size() for t in tensors)
+    assert end - start <= SharedHugePages.room(list({t.data_ptr(): t for t in tensors}.values()))  # side by side
+    assert model.lm_head.rows.data_ptr() == model.model.embed_tokens.rows.data_ptr()
+    assert model.lm_head.scale.data_ptr() == model.model.embed_tokens.scale.data_ptr()
+    attention = model.model.layers[0].self_attn
+    shared = attention.q_proj.siblings.blocks
+    assert attention.q_proj.rows.data_ptr() == shared.rows.data_ptr()
+    assert attention.k_proj.rows.data_ptr() == shared.rows.data_ptr() + attention.q_proj.rows.numel()
+    assert attention.k_proj.scale.data_ptr() == shared.scale.data_ptr() + attention.q_proj.scale.numel() * 2
+
+
+def test_shared_huge_pages_hold_copies_one_after_another_on_cache_lines():
+    from selfextend.allocator import SharedHugePages
+
+    parts = [torch.randn(1000, 640).to(torch.int8), torch.randn(1000, 20).half(), torch.randn(3)]
+    pages = SharedHugePages(SharedHugePages.room(parts) + HUGE_PAGE)  # over 2 MB: huge pages on Linux
+    copies = [pages.copy(part) for part in parts]
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(parts, copies))
+    assert [c.data_ptr() - copies[0].data_ptr() for c in copies] == [0, 640_000, 640_000 + 40_000]
+    if sys.platform == "linux":
+        assert copies[0].data_ptr() % HUGE_PAGE == 0
+    with pytest.raises(ValueError, match="do not fit"):
+        pages.copy(torch.empty(HUGE_PAGE + 1, dtype=torch.int8))

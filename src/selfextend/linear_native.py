@@ -65,7 +65,7 @@ class Int8Blocks:
         out_rows, inputs = weight.shape
         blocks = -(-inputs // QBLOCK)
         rows = huge_page_empty(weight.shape, torch.int8)  # streamed at every decode step
-        scale = torch.empty(out_rows, blocks, dtype=torch.float16)
+        scale = huge_page_empty((out_rows, blocks), torch.float16)  # the LM head's: 10 MB
         for start in range(0, out_rows, chunk):
             part = weight[start:start + chunk].float()
             padded = torch.nn.functional.pad(part, (0, blocks * QBLOCK - inputs)).view(len(part), blocks, QBLOCK)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,7 +33,9 @@ class SiblingProducts:
     def __init__(self, members: list[nn.Module], names: list[str]) -> None:
         self.names = names
         rows = huge_page_empty((sum(m.out_features for m in members), members[0].in_features), torch.int8)
-        self.blocks = Int8Blocks(torch.cat([m.rows for m in members], out=rows), torch.cat([m.scale for m in members]))
+        scale = huge_page_empty((len(rows), members[0].scale.shape[1]), torch.float16)
+        self.blocks = Int8Blocks(torch.cat([m.rows for m in members], out=rows),
+                                 torch.cat([m.scale for m in members], out=scale))
         biases = [m.bias for m in members]
         self.bias = None if biases[0] is None else torch.cat(biases)
         self.views: dict[nn.Module, torch.Tensor] = {}
@@ -46,6 +49,16 @@ class SiblingProducts:
         self.active = True
         self._thread = threading.local()  # per thread (a model called from two at once): the input whose products
         # wait to be taken ("input"), and those products ("waiting")
+
+    def move(self, copy: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Hold the shared rows and scales in `copy`'s copies of them, each member's buffers views of those."""
+        self.blocks = Int8Blocks(copy(self.blocks.rows), copy(self.blocks.scale))
+        start = 0
+        for member, size in zip(self.members, self.sizes):
+            member.rows = nn.Buffer(self.blocks.rows[start:start + size])
+            member.scale = nn.Buffer(self.blocks.scale[start:start + size])
+            self.views[member] = member._buffers["rows"]
+            start += size
 
     def product(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """`member`'s product of `x` from the call shared with its siblings; None where it computes alone."""
