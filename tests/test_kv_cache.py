@@ -120,3 +120,20 @@ def test_prefill_gives_back_the_memory_each_chunk_freed(monkeypatch):
     model = selfextend.apply(make_model("gemma3"), 4, 8)
     inference.prefill(model, _ids(90), chunk_size=16, on_chunk=lambda end, cache: chunk_ends.append(end))
     assert chunk_ends == [16, 32, 48, 64, 80, 89] and given_back == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_large_cpu_buffer_is_a_huge_page_mapping_and_a_small_one_torch_memory():
+    """A decode step reads every full layer's keys and values whole: buffers of 2 MB or more (a long document's)
+    get the huge-page mapping the int8 weights get (allocator.huge_page_empty); what the layer holds is unchanged."""
+    from selfextend.allocator import HUGE_PAGE
+    from selfextend.kv_cache import room_for
+
+    keys = torch.randn(1, 1, 3000, 256)  # 3 MB
+    big = GrowingLayer(capacity=3001)
+    big.update(keys, keys.clone())
+    assert big._key_buffer.data_ptr() % HUGE_PAGE == 0 and big._value_buffer.data_ptr() % HUGE_PAGE == 0
+    assert torch.equal(big.keys, keys) and torch.equal(big.values, keys)
+    small = room_for(None, 10, keys[..., :10, :], None)
+    assert small.shape == (1, 1, 10 + 256, 256)
+    grown = room_for(None, 5000, keys, keys[..., :5, :], dtype=torch.float16)  # 3 MB in float16
+    assert grown.data_ptr() % HUGE_PAGE == 0 and torch.equal(grown[..., :5, :], keys[..., :5, :].half())

@@ -9,7 +9,9 @@ tensors are views of a run of its positions, new tokens written right after them
 window to a new buffer once its room is used up: one copy of the window per 256 steps instead of one per step.
 Crops, batch reordering and restored prefixes work as for DynamicLayer: a layer whose tensors are not a run of
 its buffer starts a new buffer from them (as does one filled under `torch.inference_mode` and then written
-outside it, once), so a tensor someone else holds is never written into past what the layer itself held.
+outside it, once), so a tensor someone else holds is never written into past what the layer itself held. On CPU a
+buffer of 2 MB or more is in huge pages (`allocator.huge_page_empty`), as the int8 weights are: every decode step
+reads the full layers' keys and values whole.
 
 With a `dtype` (float16 for a float32 model: half the cache's memory and the bytes a decode step reads) every
 layer stores its keys and values in it, rounded once as they are written, and hands them to attention as
@@ -24,6 +26,7 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from . import cache_native
+from .allocator import huge_page_empty
 
 
 CACHE_DTYPES = ("auto", "model", "float16")  # what --kv-cache-dtype may say
@@ -65,7 +68,11 @@ def room_for(buffer: torch.Tensor | None, size: int, like: torch.Tensor, kept: t
     if buffer is not None and _writable(buffer) and buffer.shape[-2] >= size:
         return buffer
     spare = max(256, size // 4) if spare is None else spare
-    grown = like.new_empty(*like.shape[:-2], size + spare, like.shape[-1], dtype=dtype or like.dtype)
+    shape = (*like.shape[:-2], size + spare, like.shape[-1])
+    if like.device.type == "cpu":  # read whole at every decode step: in huge pages, as the weights
+        grown = huge_page_empty(shape, dtype or like.dtype)
+    else:
+        grown = like.new_empty(shape, dtype=dtype or like.dtype)
     if kept is not None:
         grown[..., :kept.shape[-2], :] = kept
     return grown
