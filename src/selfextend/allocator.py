@@ -4,6 +4,8 @@ A decode step streams every int8 weight from memory once. In 4 KB pages that is 
 virtual machine each miss walks two page tables: the LM head (262144 × 640 int8) took 10.4-10.7 ms a read against
 7.6-8.6 ms from 2 MB pages (`benchmarks/huge_pages.py`; docs/results.md, session 32). `huge_page_empty` asks Linux for transparent huge pages
 (`madvise(MADV_HUGEPAGE)`, honoured where /sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`).
+Tensors under 2 MB cannot fill a huge page of their own: `SharedHugePages` copies many into one such mapping (a
+model's small int8 weights: a 16K step 1.06x faster; docs/results.md, session 34).
 
 glibc keeps memory a program frees inside its heaps for reuse, so resident memory stays at its high-water mark:
 parsing a 262K-entry tokenizer frees about 0.3 GB that stays resident, a 2048-token prefill chunk leaves its
