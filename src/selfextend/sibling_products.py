@@ -38,14 +38,9 @@ class SiblingProducts:
                                  torch.cat([m.scale for m in members], out=scale))
         biases = [m.bias for m in members]
         self.bias = None if biases[0] is None else torch.cat(biases)
-        self.views: dict[nn.Module, torch.Tensor] = {}
-        start = 0
-        for member in members:
-            end = start + member.out_features
-            member.rows, member.scale = nn.Buffer(self.blocks.rows[start:end]), nn.Buffer(self.blocks.scale[start:end])
-            self.views[member] = member._buffers["rows"]
-            start = end
         self.members, self.sizes = members, [m.out_features for m in members]
+        self.views: dict[nn.Module, torch.Tensor] = {}
+        self._hand_out()
         self.active = True
         self._thread = threading.local()  # per thread (a model called from two at once): the input whose products
         # wait to be taken ("input"), and those products ("waiting")
@@ -53,6 +48,10 @@ class SiblingProducts:
     def move(self, copy: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Hold the shared rows and scales in `copy`'s copies of them, each member's buffers views of those."""
         self.blocks = Int8Blocks(copy(self.blocks.rows), copy(self.blocks.scale))
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        """Make each member's rows and scale its part of the shared blocks (so nothing is held twice)."""
         start = 0
         for member, size in zip(self.members, self.sizes):
             member.rows = nn.Buffer(self.blocks.rows[start:start + size])
