@@ -134,3 +134,16 @@ def test_freed_memory_is_given_back_where_the_c_library_can():
 
     glibc = platform.libc_ver()[0] == "glibc"
     assert return_freed_memory() is glibc
+
+
+def test_a_loaded_model_gives_back_what_packing_it_freed(monkeypatch):
+    """int8 packing frees the float weights and the small blocks it copies into shared huge pages: once the model
+    is packed, and not before, that memory goes back (load_model)."""
+    from selfextend import weights
+
+    calls = []
+    packing = weights.compress
+    monkeypatch.setattr(weights, "compress", lambda *args: calls.append("packed") or packing(*args))
+    monkeypatch.setattr(models, "return_freed_memory", lambda: calls.append("given back"))
+    model = models.load_model(models.resolve("testbed"), weights="int8")
+    assert calls == ["packed", "given back"] and model.lm_head.format == "int8"

@@ -26,7 +26,7 @@ from torch import nn
 from . import linear_native
 from . import norm_native
 from . import rope_native
-from .allocator import HUGE_PAGE, SharedHugePages, advise, return_freed_memory
+from .allocator import HUGE_PAGE, SharedHugePages, advise
 from .errors import NativeBuildError, UnsupportedModelError
 from .identity import IDENTITY_ATTRIBUTE, model_identity
 from .linear_native import Int8Blocks
@@ -290,7 +290,6 @@ def _share_huge_pages(model: nn.Module) -> None:
         group.move(copy)
     for module in alone:
         module.rows, module.scale = nn.Buffer(copy(module.rows)), nn.Buffer(copy(module.scale))
-    return_freed_memory()  # the old copies' pages, which glibc would otherwise hold (Gemma 3 270M: 79 MB)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
