@@ -74,11 +74,11 @@ class SharedHugePages:
     @classmethod
     def room(cls, tensors: list[torch.Tensor]) -> int:
         """The bytes `tensors` take here, aligned."""
-        return sum(-(-t.numel() * t.element_size() // cls.ALIGN) * cls.ALIGN for t in tensors)
+        return sum(-(-t.nbytes // cls.ALIGN) * cls.ALIGN for t in tensors)
 
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """A contiguous copy of `tensor` in these pages."""
-        start, nbytes = self.used, tensor.numel() * tensor.element_size()
+        start, nbytes = self.used, tensor.nbytes
         if start + nbytes > len(self.flat):
             raise ValueError(f"{nbytes} bytes do not fit: {len(self.flat) - start} of {len(self.flat)} left")
         out = self.flat[start:start + nbytes].view(tensor.dtype).view(tensor.shape)

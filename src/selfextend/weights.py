@@ -272,19 +272,15 @@ def _share_huge_pages(model: nn.Module) -> None:
     small = {}  # the tensors to move, once each (a tied LM head shares the embedding's)
     for tensor in [t for g in groups for t in (g.blocks.rows, g.blocks.scale)] + \
             [m._buffers[name] for m in alone for name in ("rows", "scale")]:
-        if tensor.numel() * tensor.element_size() < HUGE_PAGE:
+        if tensor.nbytes < HUGE_PAGE:
             small.setdefault(key(tensor), tensor)
     if not small:
         return
     pages = SharedHugePages(SharedHugePages.room(list(small.values())))
-    moved: dict[tuple, torch.Tensor] = {}
+    moved = {k: pages.copy(tensor) for k, tensor in small.items()}
 
     def copy(tensor: torch.Tensor) -> torch.Tensor:
-        if key(tensor) not in small:
-            return tensor
-        if key(tensor) not in moved:
-            moved[key(tensor)] = pages.copy(tensor)
-        return moved[key(tensor)]
+        return moved.get(key(tensor), tensor)
 
     for group in groups:
         group.move(copy)
