@@ -63,6 +63,24 @@ def test_int8_linear_is_its_blocks_in_float32_arithmetic(inputs, tokens):
             assert torch.equal(packed(x[row:row + 1])[0], got[row])
 
 
+@pytest.mark.parametrize("inputs", [64, 45])
+def test_int8_weights_widen_in_c_to_the_bits_torch_makes_and_long_calls_multiply_those(monkeypatch, inputs):
+    torch.manual_seed(0)
+    blocks = Int8Blocks.quantize(torch.randn(50, inputs) * torch.logspace(-3, 2, 50)[:, None])
+    codes_times_scales = blocks.rows.float() * blocks.scale.float().repeat_interleave(QBLOCK, dim=1)[:, :inputs]
+    assert torch.equal(blocks.widen(), codes_times_scales)
+    room = torch.full((8, inputs), float("nan"))
+    assert torch.equal(blocks.widen(10, 17, room), codes_times_scales[10:17])
+    assert room[7].isnan().all()  # only the rows asked for are written
+    with pytest.raises(ValueError, match="room"):
+        blocks.widen(0, 9, room)
+    x = torch.randn(NATIVE_TOKENS + 4, inputs)
+    assert torch.equal(linear_native.linear(x, blocks), x @ codes_times_scales.T)  # one product, into the output
+    monkeypatch.setattr(linear_native, "WIDEN_BYTES", 4 * inputs * 8)  # slices of 8 rows and a last one of 2
+    sliced = torch.cat([x @ codes_times_scales[start:start + 8].T for start in range(0, 50, 8)], dim=1)
+    assert torch.equal(linear_native.linear(x, blocks), sliced)
+
+
 def test_int8_linear_refuses_inputs_it_cannot_take():
     packed = PackedLinear(nn.Linear(64, 8), "int8")
     with pytest.raises(TypeError, match="float32 CPU inputs of 64 features"):

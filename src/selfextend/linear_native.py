@@ -36,6 +36,8 @@ def library() -> ctypes.CDLL:
     lib = load(SOURCE)
     lib.se_linear_int8.restype = None
     lib.se_linear_int8.argtypes = [_P, _I, _I, _P, _P, _I, _I, _P, _P, _I]
+    lib.se_widen_int8.restype = None
+    lib.se_widen_int8.argtypes = [_P, _P, _I, _I, _P]
     return lib
 
 
@@ -81,10 +83,19 @@ class Int8Blocks:
                 done(weight[start:start + chunk])
         return cls(rows, scale)
 
-    def widen(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows start:stop as the float32 weights they stand for."""
-        part = self.rows[start:stop].float()
-        return part * self.scale[start:stop].float().repeat_interleave(QBLOCK, dim=1)[:, :part.shape[1]]
+    def widen(self, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start:stop as the float32 weights they stand for (in C, one pass), written into `out`'s first rows
+        if given (contiguous float32 with room for them)."""
+        rows, scale = self.rows[start:stop], self.scale[start:stop]
+        shape = rows.shape
+        if out is None:
+            out = torch.empty(shape)
+        elif out.dtype != torch.float32 or not out.is_contiguous() or out.shape[1:] != shape[1:] \
+                or len(out) < shape[0]:
+            raise ValueError(f"widening needs contiguous float32 room for {tuple(shape)}, got {out.dtype} "
+                             f"{tuple(out.shape)}")
+        library().se_widen_int8(rows.data_ptr(), scale.data_ptr(), shape[0], shape[1], out.data_ptr())
+        return out[:shape[0]]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The float32 rows of `ids` (an embedding's lookup)."""
@@ -112,9 +123,13 @@ def linear(x: torch.Tensor, weights: Int8Blocks, bias: torch.Tensor | None = Non
                                  out_rows)
         return out
     flat, flat_out = x.view(tokens, inputs), out.view(tokens, out_rows)
-    step = max(1, WIDEN_BYTES // (4 * inputs))
-    for start in range(0, out_rows, step):
-        flat_out[:, start:start + step] = flat @ weights.widen(start, start + step).T
+    step = min(out_rows, max(1, WIDEN_BYTES // (4 * inputs)))
+    if step == out_rows:  # the whole product at once, straight into `out`
+        torch.mm(flat, weights.widen().T, out=flat_out)
+    else:
+        widened = torch.empty(step, inputs)  # one slice's room, used for every slice
+        for start in range(0, out_rows, step):
+            flat_out[:, start:start + step] = flat @ weights.widen(start, start + step, widened).T
     if bias is not None:
         flat_out += bias
     return out
