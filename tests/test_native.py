@@ -33,3 +33,17 @@ def test_no_compiler_and_a_failed_build_say_so(tmp_path, monkeypatch):
     with pytest.raises(NativeBuildError, match=r"no C compiler \('/no/such/cc'\) to build broken.c"):
         native.load(source)
     native.load.cache_clear()
+
+
+def test_applying_selfextend_on_cpu_builds_the_decode_kernel_before_the_first_step(monkeypatch):
+    import selfextend
+    from selfextend.attention import few_native
+    from conftest import make_model
+
+    built = []
+    monkeypatch.setattr(few_native, "available", lambda: built.append(True) or True)
+    model = make_model("llama")
+    selfextend.apply(model, group_size=4, window_size=8, backend="reference")
+    assert built == []  # another backend builds nothing
+    selfextend.apply(model, group_size=4, window_size=8)
+    assert built == [True]

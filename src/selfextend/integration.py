@@ -236,7 +236,10 @@ def apply_plan(model: nn.Module, chosen: Plan, backend: str = "auto", keep_group
 
 def _install(model: nn.Module, config: SelfExtendConfig, rope, keep_grouped_keys: bool) -> nn.Module:
     """Put `config` on every attention module and switch the model to the "selfextend" attention function."""
-    resolve_backend(config.backend, next(model.parameters()).device)  # fails early on an unknown name
+    device = next(model.parameters()).device
+    backend = resolve_backend(config.backend, device)  # fails early on an unknown name
+    if backend.prepare is not None:
+        backend.prepare(device)
     far = config.far_pass
     state = _State(config, GroupedRotation(far.group_size, far.window_size, rope, far.offset), keep_grouped_keys)
     modules = _attention_modules(model)

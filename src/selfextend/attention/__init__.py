@@ -16,11 +16,13 @@ from .layout import (Geometry, KVLayout, grouped_key_count, layout_mask, packed_
 class Backend:
     """selfextend(q, k, v, geometry, rotation, scale, key_grouped=None) and local(q, k, v, geometry, window,
     scale), both returning [b, n, heads, d]; `reads_cache_dtypes`: whether keys and values may be held in
-    another dtype than the query (a float16 KV cache)."""
+    another dtype than the query (a float16 KV cache); `prepare(device)`, if any, readies what its calls on that
+    device need (a kernel to build) before the first call."""
 
     selfextend: Callable[..., torch.Tensor]
     local: Callable[..., torch.Tensor]
     reads_cache_dtypes: bool = False
+    prepare: Callable[[torch.device], None] | None = None
 
 
 def _reference_local(query, key, value, geometry, window, scale):
@@ -28,7 +30,8 @@ def _reference_local(query, key, value, geometry, window, scale):
 
 
 BACKENDS: dict[str, Backend] = {
-    "blockwise": Backend(blockwise.selfextend_attention, blockwise.local_attention, reads_cache_dtypes=True),
+    "blockwise": Backend(blockwise.selfextend_attention, blockwise.local_attention, reads_cache_dtypes=True,
+                         prepare=blockwise.prepare),
     "reference": Backend(reference.reference_attention, _reference_local),
 }
 

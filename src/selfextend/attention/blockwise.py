@@ -23,12 +23,20 @@ import torch
 
 from ..rotary import GroupedRotation
 from .layout import Geometry, grouped_key_count
+from . import few_native
 from .merge import merge_states
 from .partial import attend, attend_merged
 from .workers import run_blocks
 
 DEFAULT_BLOCK = 1024  # queries per block: the CPU kernel tiles queries by 256 from 768 on; tests shrink it
 SUB_BLOCK = 256  # queries per sub-block, where the band's and the grouped edges' triangles are
+
+
+def prepare(device: torch.device) -> None:
+    """On CPU, build the native decode kernel now: the first decode step would otherwise wait for the compiler
+    (about a second, once per machine) and a first run's decode speed would read that much slower."""
+    if device.type == "cpu":
+        few_native.available()
 
 
 def _partial(
