@@ -243,3 +243,10 @@ def test_default_weights_without_a_c_compiler_are_dense_and_say_so(model_dir, tm
     assert loaded == ["dense"]
     notices = [line for line in err.splitlines() if line.startswith("selfextend: loading dense")]
     assert len(notices) == 1 and "no C compiler ('/no/such/cc')" in notices[0] and "--weights dense" in notices[0]
+
+
+def test_commands_run_with_large_allocations_mapped(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cli, "map_large_allocations", lambda: calls.append(True))
+    assert cli.main(["generate"]) == cli.EXIT_USAGE  # refused before it loads anything
+    assert calls == [True] and "give --input" in capsys.readouterr().err

@@ -136,6 +136,37 @@ def test_freed_memory_is_given_back_where_the_c_library_can():
     assert return_freed_memory() is glibc
 
 
+def test_large_allocations_get_mappings_of_their_own_where_the_c_library_can():
+    """Once set, a tensor of 4 MB or more is a mapping of its own while it lives and is unmapped when freed; a
+    smaller one comes from the heap (glibc's count of mapped bytes, mallinfo2)."""
+    import ctypes
+
+    import torch
+
+    from selfextend.allocator import LARGE_ALLOCATION, map_large_allocations
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert map_large_allocations() is glibc
+    libc = ctypes.CDLL(None)
+    if not glibc or not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc 2.33 or later counts its mapped bytes")
+
+    class Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc.mallinfo2.restype = Info
+    mapped = lambda: libc.mallinfo2().hblkhd  # noqa: E731
+    torch.ones(LARGE_ALLOCATION)  # made and freed: glibc on its own would then map only what is larger
+    before = mapped()
+    large = torch.ones(LARGE_ALLOCATION // 2)
+    assert mapped() - before >= 2 * LARGE_ALLOCATION
+    del large
+    assert mapped() == before
+    small = torch.ones(LARGE_ALLOCATION // 8)
+    assert mapped() == before and small.sum() == len(small)
+
+
 def test_a_loaded_model_gives_back_what_packing_it_freed(monkeypatch):
     """int8 packing frees the float weights and the small blocks it copies into shared huge pages: once the model
     is packed, and not before, that memory goes back (load_model)."""

@@ -10,8 +10,12 @@ model's small int8 weights: a 16K step 1.06x faster; docs/results.md, session 34
 glibc keeps memory a program frees inside its heaps for reuse, so resident memory stays at its high-water mark:
 parsing a 262K-entry tokenizer frees about 0.3 GB that stays resident, a 2048-token prefill chunk leaves its
 intermediates' pages behind. `return_freed_memory` asks glibc (`malloc_trim`) to release those pages; other C
-libraries return memory their own way, and there it does nothing. `advise` gives madvise(2) advice on memory no
-Python mapping owns (weights.py drops a packed weight's pages of a file mapping with it).
+libraries return memory their own way, and there it does nothing. The pages go, but the holes stay in the heap's
+address space (the tokenizer's: 355 MB among 194 MB still in use), and a prefill chunk's large temporaries placed
+in them fault 0.1-0.2 GB back in: `map_large_allocations` gives every allocation of 4 MB or more a mapping of its
+own instead (the CLI sets it: the main job's peak 1.10-1.16 GB in three runs, against 1.14-1.19 without;
+docs/results.md, session 35). `advise` gives madvise(2) advice on memory no Python mapping owns (weights.py drops a
+packed weight's pages of a file mapping with it).
 """
 
 from __future__ import annotations
@@ -85,6 +89,18 @@ class SharedHugePages:
         out.copy_(tensor)
         self.used = start + -(-nbytes // self.ALIGN) * self.ALIGN
         return out
+
+
+M_MMAP_THRESHOLD = -3  # mallopt(3)'s parameter number (glibc's malloc.h)
+LARGE_ALLOCATION = 4 << 20
+
+
+def map_large_allocations(threshold: int = LARGE_ALLOCATION) -> bool:
+    """Have the C library serve every allocation of `threshold` bytes or more from a mapping of its own, unmapped
+    when freed, rather than from holes in its heap; whether it took the setting (glibc's `mallopt`; it also stops
+    glibc from raising the threshold as large blocks are freed). A process-wide policy: the CLI sets it."""
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1
 
 
 def return_freed_memory() -> bool:

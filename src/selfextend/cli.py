@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import models
+from .allocator import map_large_allocations
 from .config import CHOICES, FLAGS, check_request, training_length
 from .errors import CommandError, NativeBuildError, UnsupportedModelError
 from .inference import CHUNK_SIZE
@@ -494,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    map_large_allocations()  # a long prompt's chunks then fault no freed heap pages back in (allocator.py)
     try:
         args.run(args)
     except (CommandError, UnsupportedModelError) as error:

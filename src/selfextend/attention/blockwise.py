@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from ..rotary import GroupedRotation
-from .layout import Geometry, grouped_key_count
 from . import few_native
+from .layout import Geometry, grouped_key_count
 from .merge import merge_states
 from .partial import attend, attend_merged
 from .workers import run_blocks
