@@ -4,7 +4,7 @@ A decode step is a chain of matrix-vector products that read every weight once, 
 bytes of weights per token. torch's int8 and int4 weight-only kernels are slower than float32 on AVX2 cores and
 its dynamic int8 rounds the activations too (benchmarks/weight_kernels.py); this reads 1.0625 bytes per weight
 and keeps the activations and every sum in float32. Calls of up to `NATIVE_TOKENS` tokens run in C; longer ones
-(prefill, which is compute-bound) widen the weights a slice of rows at a time for torch's matrix product. Built
+(prefill, which is compute-bound) widen the weights a slice of rows at a time, in C, for torch's matrix product. Built
 on first use with the system's C compiler (`selfextend.native`).
 """
 
