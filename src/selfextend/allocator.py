@@ -76,9 +76,13 @@ class SharedHugePages:
         self.flat, self.used = huge_page_empty((nbytes,), torch.uint8), 0
 
     @classmethod
+    def _aligned(cls, nbytes: int) -> int:
+        return -(-nbytes // cls.ALIGN) * cls.ALIGN
+
+    @classmethod
     def room(cls, tensors: list[torch.Tensor]) -> int:
         """The bytes `tensors` take here, aligned."""
-        return sum(-(-t.nbytes // cls.ALIGN) * cls.ALIGN for t in tensors)
+        return sum(cls._aligned(t.nbytes) for t in tensors)
 
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """A contiguous copy of `tensor` in these pages."""
@@ -87,7 +91,7 @@ class SharedHugePages:
             raise ValueError(f"{nbytes} bytes do not fit: {len(self.flat) - start} of {len(self.flat)} left")
         out = self.flat[start:start + nbytes].view(tensor.dtype).view(tensor.shape)
         out.copy_(tensor)
-        self.used = start + -(-nbytes // self.ALIGN) * self.ALIGN
+        self.used = start + self._aligned(nbytes)
         return out
 
 
