@@ -88,14 +88,10 @@ def test_two_key_sets_in_one_native_call_are_the_softmax_over_both(second_keys):
 
 def test_the_decode_kernel_is_built_16_lanes_wide_where_the_cpu_has_avx512():
     """Built with -march=native, the kernel takes its 16-float path on an AVX-512 CPU, 8 floats elsewhere."""
-    from pathlib import Path
-
     from selfextend.attention import few_native
+    from selfextend.native import _cpu_flags  # the CPU flags the build is keyed by
 
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = next((line.split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), []) \
-        if cpuinfo.exists() else []
-    assert few_native.library().se_lanes() == (16 if "avx512f" in flags else 8)
+    assert few_native.library().se_lanes() == (16 if "avx512f" in _cpu_flags().split() else 8)
 
 
 def test_two_key_sets_refuse_queries_of_different_shapes():
