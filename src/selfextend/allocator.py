@@ -11,10 +11,15 @@ glibc keeps memory a program frees inside its heaps for reuse, so resident memor
 parsing a 262K-entry tokenizer frees about 0.3 GB that stays resident, a 2048-token prefill chunk leaves its
 intermediates' pages behind. `return_freed_memory` asks glibc (`malloc_trim`) to release those pages; other C
 libraries return memory their own way, and there it does nothing. The pages go, but the holes stay in the heap's
-address space (the tokenizer's: 355 MB among 194 MB still in use), and a prefill chunk's large temporaries placed
-in them fault 0.1-0.2 GB back in: `map_large_allocations` gives every allocation of 4 MB or more a mapping of its
-own instead (the CLI sets it: the main job's peak 1.10-1.16 GB in three runs, against 1.14-1.19 without;
-docs/results.md, session 35). `advise` gives madvise(2) advice on memory no Python mapping owns (weights.py drops a
+address space (the tokenizer's: 355 MB among 194 MB still in use), and glibc serves a request from a hole before
+anything else: each prefill chunk's temporaries fault their pages back in. Trimming after every chunk costs a
+40K prefill 0-5% of its speed and saves about 25 MB of its peak (docs/results.md, session 36).
+`map_large_allocations` sets glibc's threshold for a mapping of its own at 4 MB, for blocks that find no hole (the
+tokenizer's large ones while it parses: its peak 0.87 GB against 0.92, session 35), and stops glibc from raising
+it as large blocks are freed. The CLI sets it; a 40K main job's peak, set in its prefill, moved within its
+run-to-run spread (1.10-1.14 GB against 1.11-1.15 without, session 36).
+A library does not: in a heap without holes every large temporary becomes a new mapping, faulted in at each use
+(a 16K prefill 18% slower). `advise` gives madvise(2) advice on memory no Python mapping owns (weights.py drops a
 packed weight's pages of a file mapping with it).
 """
 
@@ -100,9 +105,10 @@ LARGE_ALLOCATION = 4 << 20
 
 
 def map_large_allocations(threshold: int = LARGE_ALLOCATION) -> bool:
-    """Have the C library serve every allocation of `threshold` bytes or more from a mapping of its own, unmapped
-    when freed, rather than from holes in its heap; whether it took the setting (glibc's `mallopt`; it also stops
-    glibc from raising the threshold as large blocks are freed). A process-wide policy: the CLI sets it."""
+    """Have the C library map every allocation of `threshold` bytes or more that no free block of its heap can
+    hold, unmapped when freed, and keep that threshold (glibc's `mallopt`; it otherwise rises as large blocks are
+    freed); whether it took the setting. A process-wide policy that the CLI sets: in a heap with no holes to reuse,
+    each large temporary is then a new mapping faulted in page by page (module docstring)."""
     mallopt = _libc_function("mallopt")
     return mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1
 
