@@ -13,13 +13,13 @@ intermediates' pages behind. `return_freed_memory` asks glibc (`malloc_trim`) to
 libraries return memory their own way, and there it does nothing. The pages go, but the holes stay in the heap's
 address space (the tokenizer's: 355 MB among 194 MB still in use), and glibc serves a request from a hole before
 anything else: each prefill chunk's temporaries fault their pages back in. Trimming after every chunk costs a
-40K prefill 0-5% of its speed and saves about 25 MB of its peak (docs/results.md, session 36).
+40K prefill up to about 5% of its speed and keeps its peak 10-40 MB lower (docs/results.md, session 36).
 `map_large_allocations` sets glibc's threshold for a mapping of its own at 4 MB, for blocks that find no hole (the
 tokenizer's large ones while it parses: its peak 0.87 GB against 0.92, session 35), and stops glibc from raising
 it as large blocks are freed. The CLI sets it; a 40K main job's peak, set in its prefill, moved within its
 run-to-run spread (1.10-1.14 GB against 1.11-1.15 without, session 36).
 A library does not: in a heap without holes every large temporary becomes a new mapping, faulted in at each use
-(a 16K prefill 18% slower). `advise` gives madvise(2) advice on memory no Python mapping owns (weights.py drops a
+(a 16K prefill 10-18% slower). `advise` gives madvise(2) advice on memory no Python mapping owns (weights.py drops a
 packed weight's pages of a file mapping with it).
 """
 
