@@ -137,8 +137,9 @@ def test_freed_memory_is_given_back_where_the_c_library_can():
 
 
 def test_large_allocations_get_mappings_of_their_own_where_the_c_library_can():
-    """Once set, a tensor of 4 MB or more is a mapping of its own while it lives and is unmapped when freed; a
-    smaller one comes from the heap (glibc's count of mapped bytes, mallinfo2)."""
+    """Once set, a tensor of 4 MB or more that finds no free block in the heap (none here: the 16 MB one freed
+    first was mapped) is a mapping of its own while it lives and is unmapped when freed; a smaller one comes from
+    the heap (glibc's count of mapped bytes, mallinfo2)."""
     import ctypes
 
     import torch

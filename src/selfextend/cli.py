@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    map_large_allocations()  # a long prompt's chunks then fault no freed heap pages back in (allocator.py)
+    map_large_allocations()  # blocks of 4 MB or more that find no free one get mappings (allocator.py)
     try:
         args.run(args)
     except (CommandError, UnsupportedModelError) as error:

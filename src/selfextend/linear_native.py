@@ -98,9 +98,9 @@ class Int8Blocks:
         return out[:shape[0]]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """The float32 rows of `ids` (an embedding's lookup)."""
-        rows = self.rows[ids].float()
-        return rows * self.scale[ids].float().repeat_interleave(QBLOCK, dim=-1)[..., :rows.shape[-1]]
+        """The float32 rows of `ids` (an embedding's lookup), widened as `widen` widens them."""
+        flat = ids.reshape(-1)
+        return Int8Blocks(self.rows[flat], self.scale[flat]).widen().view(*ids.shape, self.rows.shape[1])
 
 
 def linear(x: torch.Tensor, weights: Int8Blocks, bias: torch.Tensor | None = None) -> torch.Tensor:
