@@ -168,6 +168,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(Cell(**json.loads(args.one[0])), args.one[1])))
         return
+    labels = [cell.label for cell in grid(args.preset)]
+    if args.cells and not any(args.cells in label for label in labels):
+        parser.error(f"--cells {args.cells!r} matches no cell of the {args.preset!r} preset; its cells:\n  "
+                     + "\n  ".join(labels))
     before = {}
     if args.compare:
         before = {Cell(**r["cell"]).label: r for r in json.load(open(args.compare))}
