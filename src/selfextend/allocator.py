@@ -2,8 +2,9 @@
 
 A decode step streams every int8 weight from memory once. In 4 KB pages that is a TLB miss every 4 KB, and on a
 virtual machine each miss walks two page tables: the LM head (262144 × 640 int8) took 10.4-10.7 ms a read against
-7.6-8.6 ms from 2 MB pages (`benchmarks/huge_pages.py`; docs/results.md, session 32). `huge_page_empty` asks Linux for transparent huge pages
-(`madvise(MADV_HUGEPAGE)`, honoured where /sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`).
+7.6-8.6 ms from 2 MB pages (`benchmarks/huge_pages.py`; docs/results.md, session 32). `huge_page_empty` asks Linux
+for transparent huge pages (`madvise(MADV_HUGEPAGE)`, honoured where /sys/kernel/mm/transparent_hugepage/enabled is
+`always` or `madvise`).
 Tensors under 2 MB cannot fill a huge page of their own: `SharedHugePages` copies many into one such mapping (a
 model's small int8 weights: a 16K step 1.06x faster; docs/results.md, session 34).
 
