@@ -168,28 +168,26 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(Cell(**json.loads(args.one[0])), args.one[1])))
         return
-    labels = [cell.label for cell in grid(args.preset)]
-    if args.cells and not any(args.cells in label for label in labels):
+    cells = [cell for cell in grid(args.preset) if not args.cells or args.cells in cell.label]
+    if not cells:
         parser.error(f"--cells {args.cells!r} matches no cell of the {args.preset!r} preset; its cells:\n  "
-                     + "\n  ".join(labels))
+                     + "\n  ".join(cell.label for cell in grid(args.preset)))
     before = {}
     if args.compare:
         before = {Cell(**r["cell"]).label: r for r in json.load(open(args.compare))}
     print(f"{'cell':<56} {'vanilla':>9} {'SE':>9} {'time ×':>7} {'mem ×':>6}"
           + (f" {'before ×':>9} {'mem ×':>6}" if args.before else "") + (f" {'earlier ×':>9}" if before else ""))
     with competing_process(args.busy):
-        results = _rows(args, before)
+        results = _rows(cells, args, before)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
 
 
-def _rows(args, before: dict) -> list[dict]:
-    """Every selected cell measured and printed as it finishes."""
+def _rows(cells: list[Cell], args, before: dict) -> list[dict]:
+    """Every cell of `cells` measured and printed as it finishes."""
     results = []
-    for cell in grid(args.preset):
-        if args.cells and args.cells not in cell.label:
-            continue
+    for cell in cells:
         result = run(cell, args.repeats, args.before)
         results.append(result)
         unit, scale = ("ms", 1e3) if cell.phase == "decode" else ("s", 1)
